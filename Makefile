@@ -1,0 +1,41 @@
+# Two commands for a fresh machine (Python 3.10+ with venv; Debian/Ubuntu for the microphone test):
+#   make demo   - set up .venv, export the tiny preset if missing, run the runtime on the built-in sample clip
+#   make test   - set up .venv (with the test extras and the audio server packages) and run the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q
+
+.PHONY: demo test setup setup-test system-packages clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[export]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[export,test,mic]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+setup-test: system-packages $(VENV)/.installed-test
+
+# PortAudio headers for PyAudio, and PulseAudio with a virtual microphone for the microphone test.
+system-packages:
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  if ! dpkg -s pulseaudio portaudio19-dev libasound2-plugins pulseaudio-utils >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins >/dev/null; fi; \
+	else echo "not root or no apt-get: install pulseaudio, pulseaudio-utils, portaudio19-dev yourself"; fi
+
+demo: setup
+	$(VENV)/bin/edge-emollama demo
+
+test: setup-test
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) artifacts *.egg-info

@@ -1,0 +1,64 @@
+"""Window inputs -> model tensors (numpy + Pillow, no torch): shared by the reference and the runtime.
+
+- EVA: the chosen frame resized to 448x448 with Pillow's bicubic (as Blip2ImageEvalProcessor), CLIP mean/std.
+- MAE / VideoMAE: face crops resized to 224x224 (bilinear), ImageNet mean/std.
+- HuBERT: float32 PCM at 16 kHz in [-1, 1]; the wav2vec2 normalisation runs inside the exported graph.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+from .spec import ModelSpec
+
+
+def _rgb(image: np.ndarray, what: str) -> np.ndarray:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise InputError(f"{what} must be an RGB uint8 array [H, W, 3], got {image.dtype} {image.shape}")
+    return image
+
+
+def _normalize(image: np.ndarray, size: int, resample, mean, std) -> np.ndarray:
+    resized = Image.fromarray(image).resize((size, size), resample)
+    pixels = np.asarray(resized, dtype=np.float32) / 255.0
+    return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(2, 0, 1)
+
+
+def eva_pixels(frame: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """[1, 3, S, S] float32 from one RGB frame."""
+    frame = _rgb(frame, "the EVA frame")
+    return _normalize(frame, spec.eva.image_size, Image.BICUBIC, spec.clip_mean, spec.clip_std)[None]
+
+
+def face_batch(crops: list, spec: ModelSpec) -> np.ndarray:
+    """[T, 3, 224, 224] float32 from T RGB face crops (T >= 1)."""
+    if len(crops) == 0:
+        raise InputError("face_batch needs at least one face crop; with no face use the zero features")
+    size = spec.mae.image_size
+    return np.stack([_normalize(_rgb(c, "a face crop"), size, Image.BILINEAR, spec.face_mean, spec.face_std)
+                     for c in crops])
+
+
+def video_clip(crops: list, spec: ModelSpec) -> np.ndarray:
+    """[1, 3, F, 224, 224] float32 from exactly F (16) RGB face crops."""
+    frames = spec.videomae.frames
+    if len(crops) != frames:
+        raise InputError(f"VideoMAE needs exactly {frames} face frames per window, got {len(crops)}")
+    size = spec.videomae.image_size
+    stack = np.stack([_normalize(_rgb(c, "a face crop"), size, Image.BILINEAR, spec.face_mean, spec.face_std)
+                      for c in crops])
+    return stack.transpose(1, 0, 2, 3)[None]
+
+
+def audio_pcm(samples: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """[1, S] float32 from mono PCM (int16 or float in [-1, 1]); at least one HuBERT frame long."""
+    samples = np.asarray(samples)
+    if samples.ndim != 1:
+        raise InputError(f"audio must be mono [S], got shape {samples.shape}")
+    if samples.dtype == np.int16:
+        samples = samples.astype(np.float32) / 32768.0
+    minimum = spec.hubert.conv_kernel[0] + spec.hubert.hop_samples
+    if samples.shape[0] < minimum:
+        raise InputError(f"audio window of {samples.shape[0]} samples is shorter than HuBERT's minimum {minimum}")
+    return samples.astype(np.float32)[None]

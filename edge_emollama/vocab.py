@@ -1,0 +1,201 @@
+"""Vocabularies: the built-in one of the tiny preset, LLaMA-2's from tokenizer.model or a GGUF, and
+llama.cpp's tokenizer over any of them (the same tokenizer the runtime uses, so the reference and the
+runtime can never tokenize differently).
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+from .lazy import require
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's word-start marker
+
+
+@dataclass
+class Vocab:
+    tokens: list
+    scores: list
+    types: list
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+# Words the tiny vocabulary knows whole: the prompt, the labels, and everyday speech for sample clips.
+_TINY_TEXT = (
+    "[INST] <video></video> <feature></feature> The person in video says: . [/INST] [emotion] [reason] "
+    "Please determine which emotion label the represents: happy, sad, neutral, angry, surprise, fear, doubt. "
+    "analyze all clues and reason out emotional of "
+    "i you he she it we they am is are was were be been have has had do does did not no yes a an to "
+    "for on at by with from this that what when where why how so but or if then than very really just "
+    "hello hi good great bad well today day time people know think feel want like love hate can will "
+    "would could should really sorry thank thanks please okay oh wow what's don't can't i'm it's "
+    "face voice smile frown tone facial expression expressions vocal looks sounds because seems"
+)
+# LLaMA-2 splits these two labels into two pieces; the tiny vocabulary does the same on purpose,
+# so that the multi-piece path of label scoring runs in every test.
+_SPLIT_WORDS = {"worried": ("wor", "ried"), "contempt": ("cont", "empt")}
+
+
+def _prefixes(word: str) -> list:
+    return [word[:i] for i in range(2, len(word) + 1)]
+
+
+def tiny_vocab() -> Vocab:
+    """The tiny preset's vocabulary: SentencePiece-style pieces with byte fallback, built in code."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256
+    pieces = [SPACE] + [chr(c) for c in range(33, 127)]
+    for word in re.findall(r"[\w']+|[^\w\s]+", _TINY_TEXT):
+        pieces += _prefixes(SPACE + word) + _prefixes(word)
+    for first, rest in _SPLIT_WORDS.values():
+        pieces += _prefixes(SPACE + first) + _prefixes(rest)
+    seen = set(tokens)
+    for piece in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece)
+            types.append(NORMAL)
+    # Longer pieces score higher, so merges run to the longest known piece (ties: earlier piece wins).
+    scores = [0.0] * 259 + [len(t) - i * 1e-6 for i, t in enumerate(tokens[259:])]
+    return Vocab(tokens=tokens, scores=scores, types=types)
+
+
+def vocab_from_sentencepiece(path: str | os.PathLike) -> Vocab:
+    """Read LLaMA-2's ``tokenizer.model`` the way llama.cpp's converter does."""
+    spm = require("sentencepiece")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer file {path} not found: point --checkpoints at the Llama-2-7b-chat-hf "
+                              "directory, which holds tokenizer.model")
+    proc = spm.SentencePieceProcessor()
+    proc.LoadFromFile(str(path))
+    tokens, scores, types = [], [], []
+    for i in range(proc.vocab_size()):
+        tokens.append(proc.IdToPiece(i))
+        scores.append(proc.GetScore(i))
+        kind = NORMAL
+        if proc.IsUnknown(i):
+            kind = UNKNOWN
+        elif proc.IsControl(i):
+            kind = CONTROL
+        elif proc.IsUnused(i):
+            kind = UNUSED
+        elif proc.IsByte(i):
+            kind = BYTE
+        types.append(kind)
+    return Vocab(tokens, scores, types, bos_id=proc.bos_id(), eos_id=proc.eos_id(), unk_id=proc.unk_id())
+
+
+def vocab_from_gguf(path: str | os.PathLike) -> Vocab:
+    gguf = require("gguf")
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        item = reader.fields.get(f"tokenizer.ggml.{name}")
+        if item is None:
+            raise CheckpointError(f"{path} has no tokenizer.ggml.{name}: it is not a LLaMA GGUF with a vocabulary")
+        return item.contents()
+
+    return Vocab(tokens=field("tokens"), scores=[float(s) for s in field("scores")],
+                 types=[int(t) for t in field("token_type")], bos_id=int(field("bos_token_id")),
+                 eos_id=int(field("eos_token_id")), unk_id=int(field("unknown_token_id")))
+
+
+def add_vocab_metadata(writer, vocab: Vocab) -> None:
+    """Write ``vocab`` into an open gguf.GGUFWriter as a llama (SentencePiece) tokenizer."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def write_vocab_gguf(vocab: Vocab, path: str | os.PathLike) -> Path:
+    """A vocab-only GGUF that ``llama_cpp.Llama(path, vocab_only=True)`` loads (written atomically)."""
+    gguf = require("gguf")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name("edge-emollama vocabulary")
+    for key, value in (("context_length", 4096), ("embedding_length", 64), ("block_count", 1),
+                       ("feed_forward_length", 128), ("head_count", 4), ("head_count_kv", 4)):
+        getattr(writer, f"add_{key}")(value)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(vocab))
+    add_vocab_metadata(writer, vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def quiet_llama_cpp(verbose: bool = False) -> None:
+    """llama-cpp-python routes llama.cpp's log through its own module-level callback and this logger
+    (no Python callback of ours: one that gets collected crashes the process). Its level table predates
+    ggml's current numbering (warnings arrive as ERROR), so quiet means CRITICAL; our own errors say
+    what failed."""
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+class LlamaTokenizer:
+    """llama.cpp's tokenizer loaded from a GGUF (vocab only): the runtime's and the reference's tokenizer."""
+
+    def __init__(self, gguf_path: str | os.PathLike):
+        llama_cpp = require("llama_cpp")
+        if not Path(gguf_path).is_file():
+            raise CheckpointError(f"vocabulary file {gguf_path} not found")
+        self.path = Path(gguf_path)
+        quiet_llama_cpp()
+        self._llama = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+
+    def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def piece(self, token_id: int) -> str:
+        return self.decode([token_id])
+
+    def decode(self, ids: list) -> str:
+        return self._llama.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+
+    @property
+    def n_vocab(self) -> int:
+        return self._llama.n_vocab()
+
+    @property
+    def bos_id(self) -> int:
+        return self._llama.token_bos()
+
+    @property
+    def eos_id(self) -> int:
+        return self._llama.token_eos()
+
+
+_TINY_TOKENIZER = None
+
+
+def tiny_tokenizer() -> LlamaTokenizer:
+    """The tiny preset's tokenizer, from a vocab-only GGUF written once per process to a temp folder."""
+    global _TINY_TOKENIZER
+    if _TINY_TOKENIZER is None:
+        folder = Path(tempfile.mkdtemp(prefix="edge-emollama-vocab-"))
+        _TINY_TOKENIZER = LlamaTokenizer(write_vocab_gguf(tiny_vocab(), folder / "tiny-vocab.gguf"))
+    return _TINY_TOKENIZER

@@ -1,0 +1,66 @@
+"""State shared by the export steps of one run."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import Config
+from ..runtime.artifacts import describe_file
+from ..spec import ModelSpec
+
+log = logging.getLogger("edge_emollama.export")
+
+
+@dataclass
+class ExportContext:
+    cfg: Config
+    spec: ModelSpec
+    reference: object          # EmotionLlamaReference
+    tokenizer: object          # edge_emollama.vocab.LlamaTokenizer
+    vocab: object              # edge_emollama.vocab.Vocab
+    staging: Path              # the folder being written (renamed to the output folder at the end)
+    provenance: dict
+    entries: list = field(default_factory=list)     # manifest "artifacts"
+    checks: dict = field(default_factory=dict)      # step -> quick validation figures
+    skipped: dict = field(default_factory=dict)     # format -> reason
+    timings: dict = field(default_factory=dict)     # step -> seconds
+
+    def add(self, path: Path, **fields) -> dict:
+        entry = describe_file(self.staging, path, **fields)
+        self.entries.append(entry)
+        return entry
+
+    def files(self, **match) -> list:
+        return [self.staging / e["file"] for e in self.entries if all(e.get(k) == v for k, v in match.items())]
+
+
+class StepTimer:
+    """Logs one export step's time and the size of what it wrote."""
+
+    def __init__(self, ctx: ExportContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self):
+        self.start, self.count = time.perf_counter(), len(self.ctx.entries)
+        log.info("[%s] started", self.name)
+        return self
+
+    def __exit__(self, kind, value, tb):
+        seconds = time.perf_counter() - self.start
+        self.ctx.timings[self.name] = round(seconds, 3)
+        written = sum(e["bytes"] for e in self.ctx.entries[self.count:])
+        if kind is None:
+            log.info("[%s] done in %.2f s, %s written", self.name, seconds, human_bytes(written))
+        else:
+            log.error("[%s] failed after %.2f s: %s", self.name, seconds, value)
+        return False
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    return f"{count:.1f} GB"

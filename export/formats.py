@@ -1,0 +1,140 @@
+"""The single table of export formats: what each writes, what it needs, how it is checked."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .context import ExportContext, StepTimer
+from .onnx_export import BRANCH_IO, convert_fp16, export_branch
+from .validate import encoder_parity, llm_parity, raise_on_failure
+
+BRANCHES = ("eva", "mae", "videomae", "hubert")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    writes: str
+    needs: tuple          # importable modules
+    requires: tuple       # formats that must run first
+    run: object           # (ctx) -> None; adds manifest entries and quick checks
+    install: str
+
+
+def _metadata(ctx: ExportContext, **extra) -> dict:
+    return {"producer": "edge-emollama", "preset": ctx.spec.name, **ctx.provenance, **extra}
+
+
+def run_onnx(ctx: ExportContext) -> None:
+    folder = ctx.staging / "onnx"
+    folder.mkdir(exist_ok=True)
+    for branch, module in ctx.reference.branches().items():
+        with StepTimer(ctx, f"onnx {branch}"):
+            io = BRANCH_IO[branch]
+            files = export_branch(module, branch, ctx.spec, folder / f"{branch}.onnx", ctx.cfg.export.opset,
+                                  _metadata(ctx, precision="fp32"))
+            ctx.add(files[0], format="onnx", branch=branch, precision="fp32", inputs=list(io.inputs),
+                    outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
+            for extra in files[1:]:
+                ctx.add(extra, format="onnx-data", branch=branch, precision="fp32")
+            ctx.checks[f"onnx {branch} fp32"] = check = encoder_parity(
+                ctx.reference, ctx.spec, branch, "fp32", files[0], np.random.default_rng(), trials=1)
+            raise_on_failure([check], f"ONNX {branch} fp32")
+
+
+def run_onnx_fp16(ctx: ExportContext) -> None:
+    for branch in BRANCHES:
+        with StepTimer(ctx, f"onnx-fp16 {branch}"):
+            (src,) = ctx.files(format="onnx", branch=branch, precision="fp32")
+            files = convert_fp16(src, src.with_name(f"{branch}.fp16.onnx"), _metadata(ctx))
+            io = BRANCH_IO[branch]
+            ctx.add(files[0], format="onnx", branch=branch, precision="fp16", inputs=list(io.inputs),
+                    outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
+            for extra in files[1:]:
+                ctx.add(extra, format="onnx-data", branch=branch, precision="fp16")
+            ctx.checks[f"onnx {branch} fp16"] = check = encoder_parity(
+                ctx.reference, ctx.spec, branch, "fp16", files[0], np.random.default_rng(), trials=1)
+            raise_on_failure([check], f"ONNX {branch} fp16")
+
+
+def run_tensorrt(ctx: ExportContext) -> None:
+    from .tensorrt_export import build_engine
+
+    folder = ctx.staging / "tensorrt"
+    folder.mkdir(exist_ok=True)
+    cache = ctx.staging.parent / "tensorrt.timing-cache"
+    for branch in BRANCHES:
+        with StepTimer(ctx, f"tensorrt {branch}"):
+            (fp32,) = ctx.files(format="onnx", branch=branch, precision="fp32")
+            (fp16,) = ctx.files(format="onnx", branch=branch, precision="fp16")
+            engine = build_engine(fp32, fp16, folder / f"{branch}.engine", ctx.spec, branch, _metadata(ctx), cache)
+            ctx.add(engine, format="tensorrt", branch=branch, precision="fp16")
+
+
+def run_gguf(ctx: ExportContext) -> None:
+    from .gguf_writer import write_llama_gguf
+    from .quantize import quantize_gguf
+
+    folder = ctx.staging / "gguf"
+    folder.mkdir(exist_ok=True)
+    f16 = folder / "llm.F16.gguf"
+    with StepTimer(ctx, "gguf F16"):
+        state = {k: v.detach().float().numpy() if ctx.spec.llama.hidden < 1024 else v.detach().numpy()
+                 for k, v in ctx.reference.llama_model.state_dict().items()}
+        write_llama_gguf(f16, state, ctx.spec.llama, ctx.vocab, _metadata(ctx, lora_merged=True), ftype="f16")
+        del state
+        ctx.add(f16, format="gguf", quant="F16")
+    ggufs = {"F16": f16}
+    for qtype in ctx.cfg.export.quant:
+        with StepTimer(ctx, f"gguf {qtype}"):
+            path = quantize_gguf(f16, folder / f"llm.{qtype}.gguf", qtype)
+            ctx.add(path, format="gguf", quant=qtype)
+            ggufs[qtype] = path
+    with StepTimer(ctx, "gguf check"):
+        rows = llm_parity(ctx.reference, ctx.spec, ctx.tokenizer, ggufs, np.random.default_rng(), windows=5,
+                          layout=ctx.cfg.model.layout, zeros=ctx.cfg.model.features.zeros())
+        ctx.checks.update({f"gguf {r['quant']}": r for r in rows})
+        raise_on_failure([r for r in rows if r["quant"] == "F16"], "GGUF F16")
+
+
+FORMATS = (
+    ExportFormat("onnx", "encoders + projectors, fp32 ONNX", ("torch", "onnx", "onnxruntime"), (), run_onnx,
+                 'pip install -e ".[export]"'),
+    ExportFormat("onnx-fp16", "encoders + projectors, fp16 ONNX (fp32 I/O)", ("onnx", "onnxruntime"), ("onnx",),
+                 run_onnx_fp16, 'pip install -e ".[export]"'),
+    ExportFormat("tensorrt", "TensorRT fp16 engines", ("tensorrt",), ("onnx", "onnx-fp16"), run_tensorrt,
+                 "pip install tensorrt  (Jetson: the TensorRT of JetPack)"),
+    ExportFormat("gguf", "LLaMA + merged LoRA, F16 GGUF and quantizations", ("gguf", "llama_cpp"), (), run_gguf,
+                 'pip install gguf llama-cpp-python==0.3.36'),
+)
+FORMAT_NAMES = tuple(f.name for f in FORMATS)
+
+
+def missing_modules(fmt: ExportFormat) -> list:
+    from ..lazy import available
+
+    return [m for m in fmt.needs if not available(m)]
+
+
+def plan(requested: list) -> tuple:
+    """(formats to run in table order, {skipped format: reason}); "auto" = every format whose libraries exist."""
+    from ..config import did_you_mean
+    from ..errors import ConfigError, MissingDependencyError
+
+    unknown = [r for r in requested if r not in FORMAT_NAMES + ("auto",)]
+    if unknown:
+        raise ConfigError(f"unknown export format '{unknown[0]}'{did_you_mean(unknown[0], FORMAT_NAMES)}; "
+                          f"formats: {', '.join(FORMAT_NAMES)} or auto")
+    chosen, skipped = set(), {}
+    for fmt in FORMATS:
+        if "auto" in requested or fmt.name in requested:
+            missing = missing_modules(fmt)
+            if missing and "auto" in requested and fmt.name not in requested:
+                skipped[fmt.name] = f"{', '.join(missing)} not installed; to add it: {fmt.install}"
+            elif missing:
+                raise MissingDependencyError(f"format '{fmt.name}' needs {', '.join(missing)}: {fmt.install}")
+            else:
+                chosen.add(fmt.name)
+                chosen.update(fmt.requires)
+    return [f for f in FORMATS if f.name in chosen], skipped

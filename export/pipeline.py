@@ -1,0 +1,117 @@
+"""``edge-emollama export``: reference model -> artifacts -> validation -> manifest, atomically.
+
+Everything is written into a hidden staging folder beside the output; the manifest is written last,
+and only then is the staging folder renamed to the output. An interrupted or failed export leaves no
+folder that looks finished (the runtime refuses folders without a manifest).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import Config
+from ..errors import OutputError
+from ..spec import get_preset
+from .context import ExportContext, StepTimer, human_bytes, log
+from .formats import plan
+from .manifest import build_manifest, write_json
+from .validate import encoder_parity, format_table, llm_parity, raise_on_failure
+
+
+def export(cfg: Config, validate: bool = False, random_weights: bool = False) -> Path:
+    """Run the export described by ``cfg``; returns the finished output folder."""
+    spec = get_preset(cfg.model.preset)
+    formats, skipped = plan(cfg.export.formats)
+    out = Path(cfg.export.out)
+    staging = _make_staging(out)
+    try:
+        ctx = _context(cfg, spec, staging, random_weights)
+        ctx.skipped.update(skipped)
+        for name, reason in skipped.items():
+            log.warning("[%s] skipped: %s", name, reason)
+        _check_space(ctx, out)
+        for fmt in formats:
+            fmt.run(ctx)
+        report = _full_validation(ctx) if validate else {"seed": None, "quick": ctx.checks}
+        write_json(staging / "validation.json", report)
+        np.save(staging / "zero_rows.npy", ctx.reference.zero_rows())
+        write_json(staging / "manifest.json", build_manifest(ctx, [staging / "zero_rows.npy",
+                                                                    staging / "validation.json",
+                                                                    staging / "vocab.gguf"]))
+        _publish(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"writing the export to {out} failed ({exc.strerror or exc}); nothing was published. "
+                          "Free some space or choose another --out, then export again") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("export finished: %s (%s)", out, human_bytes(sum(e["bytes"] for e in ctx.entries)))
+    return out
+
+
+def _make_staging(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out.parent} ({exc.strerror}): choose another --out or fix "
+                          "its permissions") from exc
+
+
+def _check_space(ctx: ExportContext, out: Path) -> None:
+    params = sum(p.numel() for p in ctx.reference.parameters())
+    needed = params * 10   # fp32 + fp16 ONNX of the encoders, F16 + quantized GGUFs of the LLM, with margin
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise OutputError(f"{out.parent} has {human_bytes(free)} free; the export needs about "
+                          f"{human_bytes(needed)}: free some space or choose another --out")
+
+
+def _context(cfg: Config, spec, staging: Path, random_weights: bool) -> ExportContext:
+    from .sources import load_model
+
+    with_timer = ExportContext(cfg, spec, None, None, None, staging, {})
+    with StepTimer(with_timer, "reference model"):
+        reference, tokenizer, vocab, provenance = load_model(cfg, spec, staging, random_weights)
+    ctx = ExportContext(cfg, spec, reference, tokenizer, vocab, staging, provenance)
+    ctx.timings.update(with_timer.timings)
+    return ctx
+
+
+def _full_validation(ctx: ExportContext) -> dict:
+    seed = ctx.cfg.export.validation.seed
+    seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+    rng = np.random.default_rng(seed)
+    report = {"seed": seed, "encoders": [], "llm": []}
+    with StepTimer(ctx, "validate encoders"):
+        for entry in [e for e in ctx.entries if e["format"] == "onnx"]:
+            report["encoders"].append(encoder_parity(ctx.reference, ctx.spec, entry["branch"], entry["precision"],
+                                                     ctx.staging / entry["file"], rng,
+                                                     ctx.cfg.export.validation.encoder_trials))
+    ggufs = {e["quant"]: ctx.staging / e["file"] for e in ctx.entries if e["format"] == "gguf"}
+    if ggufs:
+        with StepTimer(ctx, "validate gguf"):
+            report["llm"] = llm_parity(ctx.reference, ctx.spec, ctx.tokenizer, ggufs, rng,
+                                       ctx.cfg.export.validation.windows, ctx.cfg.model.layout,
+                                       ctx.cfg.model.features.zeros())
+    report["elapsed_s"] = {k: v for k, v in ctx.timings.items() if k.startswith("validate")}
+    print(format_table(report), flush=True)
+    raise_on_failure(report["encoders"] + report["llm"], "full validation")
+    return report
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the finished staging folder (the old one is kept until the rename succeeded)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced-{int(time.time())}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

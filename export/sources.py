@@ -1,0 +1,53 @@
+"""Where the export's reference model comes from: a user's checkpoints, or seeded random weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..checkpoints import CheckpointPaths
+from ..config import Config
+from ..errors import ConfigError
+from ..spec import ModelSpec
+from ..vocab import LlamaTokenizer, tiny_vocab, vocab_from_sentencepiece, write_vocab_gguf
+
+
+def load_model(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
+    """(reference, tokenizer, vocab, provenance) for the configured preset."""
+    from ..reference.loading import load_reference
+    from ..reference.synthetic import build_random
+
+    zeros = cfg.model.features.zeros()
+    if spec.tokenizer == "tiny" or random_weights:
+        vocab = tiny_vocab() if spec.tokenizer == "tiny" else _random_vocab_for(spec)
+        tokenizer = _tokenizer(vocab, staging)
+        reference = build_random(spec, tokenizer, seed=cfg.export.seed)
+        return reference, tokenizer, vocab, {"weights": f"seeded random (seed {cfg.export.seed})"}
+    paths = checkpoint_paths(cfg)
+    vocab = vocab_from_sentencepiece(paths.llama_dir / "tokenizer.model")
+    tokenizer = _tokenizer(vocab, staging)
+    reference = load_reference(spec, paths, tokenizer, zeros=zeros)
+    sources = {k: str(v) for k, v in vars(paths).items() if v is not None}
+    return reference, tokenizer, vocab, {"weights": "user checkpoints", "checkpoints": sources}
+
+
+def checkpoint_paths(cfg: Config) -> CheckpointPaths:
+    c = cfg.export.checkpoints
+    explicit = {k: getattr(c, k) for k in ("llama_dir", "emotion_llama", "eva", "hubert_dir", "mae", "videomae")}
+    if c.folder is None and not all(v for k, v in explicit.items() if k not in ("mae", "videomae")):
+        raise ConfigError("the emotion-llama preset needs checkpoints: pass --checkpoints DIR (standard file names, "
+                          "docs/checkpoints.md) or set export.checkpoints.* in config.yaml; or --random-weights "
+                          "to export random weights for speed measurements")
+    return CheckpointPaths.in_folder(c.folder or ".", **explicit)
+
+
+def _tokenizer(vocab, staging: Path) -> LlamaTokenizer:
+    return LlamaTokenizer(write_vocab_gguf(vocab, staging / "vocab.gguf"))
+
+
+def _random_vocab_for(spec: ModelSpec):
+    """Random weights at full shape still need a 32000-entry vocabulary: the tiny pieces, padded."""
+    vocab = tiny_vocab()
+    pad = spec.llama.vocab - len(vocab)
+    vocab.tokens += [f"<unused{i}>" for i in range(pad)]
+    vocab.scores += [-1e9] * pad
+    vocab.types += [5] * pad
+    return vocab

@@ -1,0 +1,132 @@
+"""Parity of every artifact with the PyTorch reference, on inputs drawn fresh for each run.
+
+Tolerances (docs/verification.md):
+- ONNX encoders: max relative error = max|onnx - torch| / max|torch| over each output; fp32 <= 1e-4, fp16 <= 1e-2.
+- GGUF LLM: label distributions from llama.cpp (media rows injected as an embedding batch) against the
+  reference's on random windows: F16 the same top label on every window and KL(ref || gguf) < 1e-3;
+  Q8_0 the same top label on at least 99 % of windows; other quantizations reported, not gated.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import EdgeEmollamaError
+from ..lazy import require
+from ..prompt import label_pieces, prompt_parts
+from ..reference.model import softmax
+from .onnx_export import BRANCH_IO, example_inputs
+
+ENCODER_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}
+GATES = {"F16": {"agreement": 1.0, "kl": 1e-3}, "Q8_0": {"agreement": 0.99, "kl": None}}
+WORDS = ("i", "really", "think", "that", "is", "so", "good", "today", "you", "know", "not", "what", "why",
+         "oh", "wow", "sorry", "hello", "people", "feel", "bad", "great", "okay", "thank", "no", "yes", "day")
+
+
+class ValidationError(EdgeEmollamaError):
+    """An artifact computes a different function from the reference (beyond the stated tolerance)."""
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
+
+
+def encoder_parity(reference, spec, branch: str, precision: str, path, rng, trials: int) -> dict:
+    torch = require("torch")
+    ort = require("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    module = reference.branches()[branch]
+    worst, shapes = 0.0, []
+    for _ in range(trials):
+        inputs = example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
+        got = session.run(None, inputs)
+        with torch.no_grad():
+            want = module(*(torch.from_numpy(inputs[n]) for n in BRANCH_IO[branch].inputs))
+        want = want if isinstance(want, tuple) else (want,)
+        worst = max([worst] + [relative_error(g, w.numpy()) for g, w in zip(got, want)])
+        shapes.append({k: list(v.shape) for k, v in inputs.items()})
+    limit = ENCODER_LIMITS[precision]
+    return {"artifact": str(path.name), "branch": branch, "precision": precision, "trials": trials,
+            "input_shapes": shapes, "max_rel_err": worst, "limit": limit, "passed": worst <= limit}
+
+
+def random_window(reference, spec, rng, zeros: tuple) -> tuple:
+    """Media rows of a random window through the reference encoders, and a random subtitle."""
+    inputs = {}
+    for branch in ("eva", "mae", "videomae", "hubert"):
+        inputs.update(example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)),
+                                     seconds=float(rng.uniform(0.5, 3))))
+    named = {"eva": inputs["pixels"], "mae": inputs["faces"], "videomae": inputs["clip"], "hubert": inputs["pcm"]}
+    subtitle = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12))))
+    return reference.media_block(named, zeros=zeros), subtitle
+
+
+def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layout: str, zeros: tuple,
+               n_threads: int | None = None) -> list:
+    """Label distributions of each GGUF (name -> path) against the reference on ``windows`` random windows."""
+    from ..runtime.llm import LlamaCppScorer
+
+    pieces = label_pieces(tokenizer)
+    scorers = {name: LlamaCppScorer(path, n_ctx=_context(spec), n_threads=n_threads) for name, path in ggufs.items()}
+    stats = {name: {"agree": 0, "kl": []} for name in ggufs}
+    try:
+        for _ in range(windows):
+            rows, subtitle = random_window(reference, spec, rng, zeros)
+            want = reference.label_distribution(rows, subtitle, layout)
+            parts = prompt_parts(tokenizer, spec, subtitle, layout)
+            for name, scorer in scorers.items():
+                got = softmax(scorer.label_logprobs(parts, rows, pieces))
+                stats[name]["agree"] += int(np.argmax(got) == np.argmax(want))
+                stats[name]["kl"].append(float(np.sum(want * (np.log(want) - np.log(got)))))
+    finally:
+        for scorer in scorers.values():
+            scorer.close()
+    return [_llm_row(name, ggufs[name], s, windows) for name, s in stats.items()]
+
+
+def _llm_row(name: str, path, s: dict, windows: int) -> dict:
+    agreement = s["agree"] / windows
+    gate = GATES.get(name)
+    passed = None
+    if gate:
+        passed = agreement >= gate["agreement"] and (gate["kl"] is None or max(s["kl"]) < gate["kl"])
+    return {"artifact": str(path.name), "quant": name, "windows": windows, "top_label_agreement": agreement,
+            "kl_max": max(s["kl"]), "kl_mean": float(np.mean(s["kl"])), "gate": gate, "passed": passed}
+
+
+def _context(spec) -> int:
+    return min(spec.llama.context, 1024 if spec.media_rows < 64 else 2048)
+
+
+def raise_on_failure(rows: list, what: str) -> None:
+    failed = [r for r in rows if r.get("passed") is False]
+    if failed:
+        details = "; ".join(f"{r['artifact']}: {_figures(r)}" for r in failed)
+        raise ValidationError(f"{what} parity failed: {details}. The artifact computes a different function "
+                              "from the reference; the export was not published (please report this).")
+
+
+def _limit(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _figures(row: dict) -> str:
+    if "max_rel_err" in row:
+        return f"max rel err {row['max_rel_err']:.2e} > {row['limit']:.0e}"
+    return f"top-label agreement {row['top_label_agreement']:.2%}, KL max {row['kl_max']:.2e}"
+
+
+def format_table(report: dict) -> str:
+    lines = [f"parity report (seed {report['seed']}):",
+             f"{'artifact':38} {'check':28} {'result':>16} {'limit':>10}  ok"]
+    for r in report.get("encoders", []):
+        lines.append(f"{r['artifact']:38} {'max rel err, ' + str(r['trials']) + ' draws':28} "
+                     f"{r['max_rel_err']:16.2e} {r['limit']:10.0e}  {'yes' if r['passed'] else 'NO'}")
+    for r in report.get("llm", []):
+        gate = r["gate"] or {}
+        ok = {True: "yes", False: "NO", None: "(reported)"}[r["passed"]]
+        lines.append(f"{r['artifact']:38} {'top label, ' + str(r['windows']) + ' windows':28} "
+                     f"{r['top_label_agreement']:16.2%} {_limit(gate.get('agreement')):>10}  {ok}")
+        kl_limit = f"{gate['kl']:10.0e}" if gate.get("kl") else f"{'-':>10}"
+        lines.append(f"{'':38} {'KL(ref||gguf) max / mean':28} {r['kl_max']:9.1e}/{r['kl_mean']:6.0e} "
+                     f"{kl_limit}  {ok if gate.get('kl') else ''}")
+    return "\n".join(lines)

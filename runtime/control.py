@@ -1,0 +1,243 @@
+"""The control socket: small JSON requests (ping, status, latest, schema, explain) on a ROUTER socket.
+
+A ROUTER serves REQ clients (``[identity, b"", request]``) and DEALER clients (``[identity, request]``) alike,
+many at once, and a client that vanishes mid-request cannot wedge it (a reply to a gone peer is dropped).
+Every request gets exactly one JSON reply (``control_reply`` in the schema):
+
+    {"ok": true,  "verb": "...", "id": <echoed>, "result": ...}
+    {"ok": false, "verb": "..." | null, "id": <echoed>, "error": {"code": "...", "message": "..."}}
+
+Error codes: ``bad_json`` (not UTF-8 JSON), ``bad_request`` (not an object, a field of the wrong type, more
+than one frame), ``unknown_verb``, ``unavailable`` (explain without a reasoning worker), ``internal`` (the
+explain callback raised; the message says what). A bad request never stops the loop; a socket failure does,
+and is kept in :attr:`ControlServer.error`.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from ..errors import ConfigError, InputError
+from ..lazy import require
+from .clock import ClockAnchor, now_ns, run_anchor
+from .publish import SCHEMA_VERSION, TOPICS, check_loopback, dumps, load_schema, set_heartbeats
+
+__all__ = ["ControlOptions", "ControlServer", "handle_request", "request"]
+
+VERBS = ("ping", "status", "latest", "schema", "explain")
+
+
+@dataclass(frozen=True)
+class ControlOptions:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    poll_ms: int = 100                 # how often the loop checks for stop()
+    max_request_bytes: int = 65536     # larger messages disconnect the peer (ZMQ_MAXMSGSIZE)
+    sndhwm: int = 64
+    heartbeat_ivl_ms: int = 1000
+    heartbeat_timeout_ms: int = 3000
+    heartbeat_ttl_ms: int = 3000
+
+
+class _RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _reply(verb, rid, result=None, error: _RequestError | None = None) -> dict:
+    if error is None:
+        return {"ok": True, "verb": verb, "id": rid, "result": result}
+    return {"ok": False, "verb": verb, "id": rid, "error": {"code": error.code, "message": str(error)}}
+
+
+def _parse(body: bytes) -> dict:
+    try:
+        request = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _RequestError("bad_json", f"the request is not UTF-8 JSON ({exc}); send e.g. {{\"verb\": \"ping\"}}")
+    if not isinstance(request, dict):
+        raise _RequestError("bad_request", f"the request must be a JSON object, got {type(request).__name__}")
+    return request
+
+
+def _request_id(request: dict):
+    rid = request.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise _RequestError("bad_request", "'id' must be a string, an integer or null")
+    return rid
+
+
+def handle_request(body: bytes, *, status: Callable[[], dict], latest: Callable[[str], dict | None],
+                   explain: Callable[[dict], dict] | None = None, info: dict | None = None) -> dict:
+    """One request (the frame's bytes) -> its reply object. Never raises for a bad request."""
+    verb = rid = None
+    try:
+        request = _parse(body)
+        rid = _request_id(request)
+        verb = request.get("verb")
+        if not isinstance(verb, str):
+            verb = None
+            raise _RequestError("bad_request", f"'verb' must be a string, one of {list(VERBS)}")
+        if verb not in VERBS:
+            raise _RequestError("unknown_verb", f"unknown verb '{verb}': use one of {list(VERBS)}")
+        return _reply(verb, rid, _dispatch(verb, request, status, latest, explain, info or {}))
+    except _RequestError as error:
+        return _reply(verb, rid, error=error)
+
+
+def _dispatch(verb: str, request: dict, status, latest, explain, info: dict):
+    if verb == "ping":
+        anchor = info.get("anchor") or run_anchor()
+        return {"pong": True, "monotonic_ns": now_ns(), "clock": anchor.to_dict(),
+                "stream_id": info.get("stream_id"), "schema_version": SCHEMA_VERSION}
+    if verb == "status":
+        return status()
+    if verb == "latest":
+        topic = request.get("topic", "estimate")
+        if not isinstance(topic, str) or topic not in TOPICS:
+            raise _RequestError("bad_request", f"'topic' must be one of {sorted(TOPICS)}, got {topic!r}")
+        return latest(topic)
+    if verb == "schema":
+        return {"schema_version": SCHEMA_VERSION, "topics": dict(TOPICS), "schema": load_schema()}
+    return _explain(request, explain)
+
+
+def _explain(request: dict, explain):
+    if explain is None:
+        raise _RequestError("unavailable", "explain needs the reasoning worker, which this run does not have "
+                                           "(start the runtime with reasoning enabled)")
+    if "subtitle" in request and not isinstance(request["subtitle"], str):
+        raise _RequestError("bad_request", "'subtitle' must be a string")
+    args = {k: v for k, v in request.items() if k not in ("verb", "id")}
+    try:
+        result = explain(args)
+        dumps(result)
+    except (InputError, ConfigError) as exc:
+        raise _RequestError("bad_request", str(exc))
+    except Exception as exc:  # reported to the client as 'internal'; the loop keeps serving others
+        raise _RequestError("internal", f"explain failed: {type(exc).__name__}: {exc}")
+    return result
+
+
+class ControlServer:
+    """A ROUTER socket served by its own thread. ``start()`` binds (ConfigError if it cannot)."""
+
+    def __init__(self, options: ControlOptions = ControlOptions(), *, status: Callable[[], dict],
+                 latest: Callable[[str], dict | None], explain: Callable[[dict], dict] | None = None,
+                 stream_id: str | None = None, anchor: ClockAnchor | None = None, context=None):
+        self.options = options
+        self._zmq = require("zmq")
+        self._context = context or self._zmq.Context.instance()
+        self._handlers = dict(status=status, latest=latest, explain=explain,
+                              info={"stream_id": stream_id, "anchor": anchor})
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._socket = None
+        self.error: BaseException | None = None
+        self.served = 0
+        self.replies_dropped = 0
+        self.endpoint: str | None = None
+
+    @classmethod
+    def for_publisher(cls, publisher, options: ControlOptions = ControlOptions(),
+                      explain: Callable[[dict], dict] | None = None) -> "ControlServer":
+        """A server answering status/latest from a :class:`~edge_emollama.runtime.publish.Publisher`."""
+        return cls(options, status=publisher.tracker.snapshot, latest=publisher.latest, explain=explain,
+                   stream_id=publisher.stream_id, anchor=publisher.anchor, context=publisher._context)
+
+    def set_explain(self, explain: Callable[[dict], dict] | None) -> None:
+        """Install (or remove) the explain callback; it must return quickly (start the work, return an id)."""
+        self._handlers["explain"] = explain
+
+    def start(self) -> "ControlServer":
+        zmq = self._zmq
+        check_loopback(self.options.endpoint)
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_request_bytes)
+        set_heartbeats(sock, self.options.heartbeat_ivl_ms, self.options.heartbeat_timeout_ms,
+                       self.options.heartbeat_ttl_ms)
+        try:
+            sock.bind(self.options.endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise ConfigError(f"cannot bind the control socket to {self.options.endpoint}: {exc} "
+                              "(choose another endpoint with --control)") from exc
+        self._socket = sock
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._thread = threading.Thread(target=self._run, name="control", daemon=True)
+        self._thread.start()
+        return self
+
+    def __enter__(self) -> "ControlServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            self._thread = None
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a socket failure: kept for the pipeline to report
+            self.error = exc
+
+    def _loop(self) -> None:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not dict(poller.poll(self.options.poll_ms)):
+                continue
+            frames = self._socket.recv_multipart(zmq.NOBLOCK)
+            reply = self._answer(frames)
+            if reply is not None:
+                try:
+                    self._socket.send_multipart(reply, zmq.NOBLOCK)
+                except zmq.Again:  # the client does not read its replies; counted, the others are served
+                    self.replies_dropped += 1
+            self.served += 1
+
+    def _answer(self, frames: list[bytes]) -> list[bytes] | None:
+        """Split the routing envelope from the body and answer (None when there is no peer identity)."""
+        if len(frames) < 2:
+            return None
+        if b"" in frames[1:]:
+            split = frames.index(b"", 1) + 1
+        else:
+            split = 1
+        envelope, body = frames[:split], frames[split:]
+        if len(body) != 1:
+            reply = _reply(None, None, error=_RequestError(
+                "bad_request", f"send the request as one frame, got {len(body)}"))
+        else:
+            reply = handle_request(body[0], **self._handlers)
+        return envelope + [dumps(reply)]
+
+
+def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, context=None) -> dict:
+    """Send one request with a fresh REQ socket and return the reply (InputError on timeout)."""
+    zmq = require("zmq")
+    ctx = context or zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(payload if isinstance(payload, bytes) else dumps(payload))
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise InputError(f"no reply from the control socket {endpoint} within {timeout_s} s: is the runtime "
+                             "running, and is this its --control endpoint?")
+        return json.loads(sock.recv())
+    finally:
+        sock.close(0)

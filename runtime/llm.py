@@ -1,0 +1,276 @@
+"""The LLM stage on llama.cpp's low-level API: token and embedding batches, label scoring, greedy text.
+
+A prompt is a list of parts, each a ``list[int]`` of token ids or a ``("media", start, stop)`` range of
+rows of a float32 ``[R, n_embd]`` media block (fed as an embedding batch). The leading token-only parts
+stay in the KV cache between calls; a call decodes only from the first token that differs.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, ConfigError, InputError
+from ..lazy import require
+from ..vocab import quiet_llama_cpp
+
+__all__ = ["LlamaCppScorer", "log_softmax"]
+
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log softmax over the last axis, in float64."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+
+
+class LlamaCppScorer:
+    """One llama.cpp model and context (sequence 0), scoring labels and generating greedily."""
+
+    def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, verbose: bool = False):
+        lc = self._lc = require("llama_cpp")
+        self._model = self._ctx = None
+        if flash_attn not in FLASH_ATTN:
+            raise ConfigError(f"flash_attn='{flash_attn}': use one of {sorted(FLASH_ATTN)}")
+        if not Path(gguf_path).is_file():
+            raise ArtifactError(f"LLM file {gguf_path} not found: run the export first")
+        quiet_llama_cpp(verbose)
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not self._model:
+            raise ArtifactError(f"llama.cpp could not load {gguf_path} (not a GGUF, or an unsupported one)")
+        self._ctx = lc.llama_init_from_model(self._model, self._context_params(n_ctx, n_threads, flash_attn, n_batch))
+        if not self._ctx:
+            raise ArtifactError(f"llama.cpp could not create a context for {gguf_path} (n_ctx={n_ctx})")
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self._mem = lc.llama_get_memory(self._ctx)
+        self.n_embd = int(lc.llama_model_n_embd_inp(self._model))
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx = int(lc.llama_n_ctx(self._ctx))
+        self._n_batch = int(lc.llama_n_batch(self._ctx))
+        self._tokens = self._new_batch(0)
+        self._embeds = self._new_batch(self.n_embd)
+        self._cached: list[int] = []  # leading token-only ids now in the KV cache (positions 0..len-1)
+        self.n_past = 0               # positions of the last prompt in the cache
+        self.reused = 0               # positions kept from the previous call by the last call
+
+    def _context_params(self, n_ctx: int, n_threads: int | None, flash_attn: str, n_batch: int):
+        params = self._lc.llama_context_default_params()
+        threads = n_threads or max(1, min(8, os.cpu_count() or 1))
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = min(n_batch, n_ctx)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
+        params.no_perf = True
+        return params
+
+    def _new_batch(self, embd: int):
+        """A batch of n_batch slots, all in sequence 0; ``embd`` > 0 makes it an embedding batch."""
+        batch = self._lc.llama_batch_init(self._n_batch, embd, 1)
+        for i in range(self._n_batch):
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+        return batch
+
+    # --- vocabulary -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list[int]:
+        """Token ids of ``text`` (``special``: parse ``<s>`` etc. as control tokens)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (self._lc.llama_token * size)()
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
+
+    def piece(self, token_id: int) -> str:
+        """The text of one token (control tokens rendered, invalid UTF-8 replaced)."""
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._lc.llama_token_to_piece(self._vocab, int(token_id), buf, size, 0, True)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of ``ids`` as llama.cpp writes it (BOS/EOS dropped, SentencePiece's leading space removed)."""
+        arr = (self._lc.llama_token * max(1, len(ids)))(*[int(t) for t in ids])
+        size = 16 * len(ids) + 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self._lc.llama_detokenize(self._vocab, arr, len(ids), buf, size, True, False)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def _decode_tokens(self, ids: list[int], pos: int, want_logits: bool) -> None:
+        """Decode ``ids`` at positions pos.., in n_batch chunks; logits for the last one if asked."""
+        for start in range(0, len(ids), self._n_batch):
+            chunk = ids[start:start + self._n_batch]
+            b = self._tokens
+            for i, t in enumerate(chunk):
+                b.token[i], b.pos[i], b.logits[i] = int(t), pos + start + i, 0
+            last = start + len(chunk) == len(ids)
+            b.logits[len(chunk) - 1] = int(want_logits and last)
+            self._run(b, len(chunk))
+
+    def _decode_rows(self, rows: np.ndarray, pos: int, want_logits: bool) -> None:
+        """Decode float32 ``rows`` [n, n_embd] as an embedding batch at positions pos.."""
+        for start in range(0, len(rows), self._n_batch):
+            chunk = np.ascontiguousarray(rows[start:start + self._n_batch], dtype=np.float32)  # alive until decoded
+            b = self._embeds
+            ctypes.memmove(b.embd, chunk.ctypes.data, chunk.nbytes)
+            for i in range(len(chunk)):
+                b.pos[i], b.logits[i] = pos + start + i, 0
+            last = start + len(chunk) == len(rows)
+            b.logits[len(chunk) - 1] = int(want_logits and last)
+            self._run(b, len(chunk))
+            del chunk
+
+    def _run(self, batch, n: int) -> None:
+        batch.n_tokens = n
+        rc = self._lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise InputError(f"llama_decode failed with code {rc} ({n} positions; n_ctx={self.n_ctx})")
+
+    def _logits(self, i: int) -> np.ndarray:
+        """A copy of the logits of output ``i`` of the last decode (-1: the last one)."""
+        ptr = self._lc.llama_get_logits_ith(self._ctx, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _check(self, parts: list, media_rows: np.ndarray | None, extra: int) -> None:
+        """InputError for malformed parts, media ranges outside the block, or a prompt beyond n_ctx."""
+        total = 0
+        for part in parts:
+            if isinstance(part, tuple) and len(part) == 3 and part[0] == "media":
+                _, start, stop = part
+                if media_rows is None or media_rows.ndim != 2 or media_rows.shape[1] != self.n_embd:
+                    raise InputError(f"media rows must be float32 [R, {self.n_embd}], got "
+                                     f"{None if media_rows is None else media_rows.shape}")
+                if not 0 <= start < stop <= len(media_rows):
+                    raise InputError(f"media range {start}:{stop} outside the {len(media_rows)} media rows")
+                total += stop - start
+            elif isinstance(part, list) and all(0 <= int(t) < self.n_vocab for t in part):
+                total += len(part)
+            else:
+                raise InputError(f"a prompt part must be token ids < {self.n_vocab} or ('media', start, stop): {part!r:.80}")
+        if not parts or (isinstance(parts[-1], list) and not parts[-1]):
+            raise InputError("the prompt must end with a non-empty part (its last position gives the logits)")
+        if total + extra > self.n_ctx:
+            raise InputError(f"prompt of {total} positions (+{extra}) does not fit n_ctx={self.n_ctx}")
+
+    def _prefill(self, parts: list, media_rows: np.ndarray | None, extra: int = 0) -> np.ndarray:
+        """Decode ``parts`` reusing the cached leading tokens; the next-token logits after the last part."""
+        media_rows = None if media_rows is None else np.asarray(media_rows)
+        self._check(parts, media_rows, extra)
+        lead, n_lead = [], 0
+        for part in parts:
+            if not isinstance(part, list):
+                break
+            lead += [int(t) for t in part]
+            n_lead += 1
+        keep = 0
+        for a, b in zip(lead, self._cached):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(lead) - 1 if n_lead == len(parts) else keep)  # always decode the last position
+        self._cached = []
+        if not self._lc.llama_memory_seq_rm(self._mem, 0, keep, -1):
+            self._lc.llama_memory_clear(self._mem, True)
+            keep = 0
+        rest = [lead[keep:]] + parts[n_lead:] if lead[keep:] else parts[n_lead:]
+        pos = keep
+        for i, part in enumerate(rest):
+            last = i == len(rest) - 1
+            if isinstance(part, list):
+                self._decode_tokens(part, pos, last)
+                pos += len(part)
+            else:
+                self._decode_rows(media_rows[part[1]:part[2]], pos, last)
+                pos += part[2] - part[1]
+        self._cached, self.n_past, self.reused = lead, pos, keep
+        return self._logits(-1)
+
+    # --- public -----------------------------------------------------------------------------------
+
+    def next_logits(self, parts: list, media_rows: np.ndarray | None = None) -> np.ndarray:
+        """The float32 next-token logits after the prompt (validation and debugging)."""
+        return self._prefill(parts, media_rows)
+
+    def label_logprobs(self, parts: list, media_rows: np.ndarray | None, label_pieces: list[list[int]]) -> np.ndarray:
+        """Log sequence probability of each label's pieces after the prompt (float64, one per label)."""
+        if not label_pieces or any(not p or max(p) >= self.n_vocab or min(p) < 0 for p in label_pieces):
+            raise InputError(f"every label needs at least one token piece, each < {self.n_vocab}")
+        longest = max(len(p) for p in label_pieces)
+        first = log_softmax(self._prefill(parts, media_rows, extra=longest - 1))
+        out = np.empty(len(label_pieces), dtype=np.float64)
+        for k, pieces in enumerate(label_pieces):
+            out[k] = first[pieces[0]]
+            if len(pieces) > 1:
+                self._decode_all(pieces[:-1], self.n_past)
+                for i, nxt in enumerate(pieces[1:]):
+                    out[k] += log_softmax(self._logits(i))[nxt]
+                self._lc.llama_memory_seq_rm(self._mem, 0, self.n_past, -1)
+        return out
+
+    def _decode_all(self, ids: list[int], pos: int) -> None:
+        """Decode a few tokens (< n_batch) with logits for every one of them."""
+        b = self._tokens
+        for i, t in enumerate(ids):
+            b.token[i], b.pos[i], b.logits[i] = int(t), pos + i, 1
+        self._run(b, len(ids))
+
+    def generate(self, parts: list, media_rows: np.ndarray | None, max_tokens: int, stop_on_eos: bool = True) -> str:
+        """Greedy continuation of the prompt, up to ``max_tokens`` tokens, as text."""
+        logits = self._prefill(parts, media_rows, extra=max_tokens)
+        out: list[int] = []
+        for step in range(max_tokens):
+            token = int(np.argmax(logits))
+            if stop_on_eos and self._lc.llama_vocab_is_eog(self._vocab, token):
+                break
+            out.append(token)
+            if step + 1 < max_tokens:
+                self._decode_tokens([token], self.n_past + step, True)
+                logits = self._logits(-1)
+        return self.detokenize(out)
+
+    def close(self) -> None:
+        """Free the batches, context and model (idempotent)."""
+        lc = self._lc
+        if self._ctx:
+            lc.llama_batch_free(self._tokens)
+            lc.llama_batch_free(self._embeds)
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            lc.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "LlamaCppScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

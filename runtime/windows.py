@@ -1,0 +1,375 @@
+"""Sliding windows on the capture timeline: what every encoder needs for one prediction.
+
+A window is ``[t0, t1)`` on the monotonic capture clock, ``t1 - t0 = W``; window ``k`` ends at
+``start + W + k * H``. Audio and video of a window are cut from the same range, so they are aligned by
+construction. For each window (:class:`Window`):
+
+- the EVA frame: the frame nearest the middle of the window (rule ``middle``, the default; ``first`` as the
+  original code; ``last`` for the least latency);
+- face boxes (Haar cascade, largest face, detected once per frame and cached across overlapping windows),
+  one square crop per frame (``mae.image_size``) for MAE; a frame without a detection borrows the box of the
+  nearest frame that has one;
+- exactly ``videomae.frames`` (16) crops sampled uniformly over the window for VideoMAE (frames repeat when
+  the window holds fewer than 16);
+- ``round(W * 16000)`` samples of 16 kHz mono audio for HuBERT (zeros where nothing was captured);
+- presence: ``face_present`` when at least ``min_face_fraction`` of the frames have a detected face;
+  ``audio_present`` when an audio source is active and the window's RMS reaches ``audio_rms_threshold``.
+
+Defaults, W = 2.0 s and H = 0.5 s: HuBERT and VideoMAE need context -- prosody lives in syllables and
+phrases (about 0.2-2 s), a facial expression's onset-apex takes about 0.5-2 s, and 16 VideoMAE frames over
+2 s sample about 8 fps, while the training clips (MER2023) last several seconds. Every second of W adds
+0.5 s to the mean age of the evidence and makes HuBERT/VideoMAE dearer, so 2 s is the shortest window that
+still holds a phrase and an expression. H = 0.5 s gives 2 estimates per second (a fresh answer at least
+every half second, smoothed by fusion) and leaves 0.5 s of compute per window: the reference path takes about
+0.15 s per window on a desktop GPU; a slower device falls behind and the scheduler then skips to the newest
+window instead of queueing. Each frame lies in W/H = 4 windows; its face box is computed once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ConfigError, InputError
+from ..spec import FRAME_RULES, ModelSpec
+from .clock import NS_PER_S, now_ns
+from .faces import FaceBox, FaceCache, FaceDetector, crop_square
+from .sources import AudioRing, Frame, FrameRing, Source
+
+__all__ = ["WindowOptions", "Window", "WindowBuilder", "WindowScheduler", "uniform_indices"]
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    window_s: float = 2.0
+    hop_s: float = 0.5
+    frame_rule: str = "middle"          # EVA frame: middle | first | last
+    face_size: int = 224                # MAE / VideoMAE crop side (the preset's mae.image_size)
+    face_margin: float = 0.25           # crop side = largest box side * (1 + margin)
+    videomae_frames: int = 16           # the preset's videomae.frames
+    sample_rate: int = 16000            # the preset's hubert.sample_rate
+    min_face_fraction: float = 0.3      # of the window's frames with a detected face -> face_present
+    audio_rms_threshold: float = 0.01   # about -40 dBFS -> audio_present
+    max_wait_s: float = 0.25            # live sources: how long after t1 a window waits for late data
+    start_timeout_s: float = 5.0        # how long the first window waits for every source's first data
+    drop_stale: bool | None = None      # skip to the newest ready window when behind (None: when all live)
+
+    @classmethod
+    def for_spec(cls, spec: ModelSpec, **overrides) -> "WindowOptions":
+        """Options with the crop size, VideoMAE frame count and sample rate of a preset."""
+        return cls(face_size=spec.mae.image_size, videomae_frames=spec.videomae.frames,
+                   sample_rate=spec.hubert.sample_rate, **overrides)
+
+    def validate(self) -> "WindowOptions":
+        if not (self.window_s > 0 and self.hop_s > 0):
+            raise ConfigError(f"window_s={self.window_s}, hop_s={self.hop_s}: both must be > 0")
+        if self.hop_s > self.window_s:
+            raise ConfigError(f"hop_s={self.hop_s} > window_s={self.window_s} would leave gaps: use hop_s <= window_s")
+        if self.frame_rule not in FRAME_RULES:
+            raise ConfigError(f"frame_rule='{self.frame_rule}': use one of {FRAME_RULES}")
+        if not 0.0 <= self.min_face_fraction <= 1.0:
+            raise ConfigError(f"min_face_fraction={self.min_face_fraction}: use a fraction in [0, 1]")
+        if self.face_size < 8 or self.videomae_frames < 1 or self.sample_rate < 1000:
+            raise ConfigError("face_size >= 8, videomae_frames >= 1 and sample_rate >= 1000 are required")
+        return self
+
+    @property
+    def window_ns(self) -> int:
+        return int(round(self.window_s * NS_PER_S))
+
+    @property
+    def hop_ns(self) -> int:
+        return int(round(self.hop_s * NS_PER_S))
+
+
+@dataclass
+class Window:
+    """The raw inputs of one prediction (RGB uint8 images, float32 PCM) and their capture times."""
+    index: int
+    t0_ns: int
+    t1_ns: int
+    frame: np.ndarray | None                 # EVA frame, RGB uint8 [H, W, 3]
+    frame_t_ns: int | None
+    frame_times_ns: np.ndarray               # int64 [N]: every frame of the window
+    face_boxes: np.ndarray                   # int32 [N, 4] x, y, w, h used for each crop; -1 without a face
+    face_detected: np.ndarray                # bool [N]: a face was detected in that very frame
+    face_crops: np.ndarray                   # uint8 [N, S, S, 3] (MAE) when face_present, else [0, S, S, 3]
+    videomae_frames: np.ndarray | None       # uint8 [F, S, S, 3] when face_present
+    videomae_times_ns: np.ndarray | None     # int64 [F]
+    audio: np.ndarray | None                 # float32 [round(W * rate)]; None without an audio source
+    audio_coverage: float
+    audio_rms: float
+    video_active: bool
+    audio_active: bool
+    face_present: bool
+    audio_present: bool
+    timings_ms: dict = field(default_factory=dict)
+    built_ns: int = 0
+
+    @property
+    def face_fraction(self) -> float:
+        return float(self.face_detected.mean()) if self.face_detected.size else 0.0
+
+    def presence(self) -> dict:
+        """The wire form of the presence flags (``presence`` of an estimate)."""
+        return {
+            "video": {"present": bool(self.video_active and self.frame_times_ns.size > 0)},
+            "face": {"present": bool(self.face_present), "fraction": round(self.face_fraction, 4)},
+            "audio": {"present": bool(self.audio_present), "active": bool(self.audio_active),
+                      "rms": round(float(self.audio_rms), 6), "coverage": round(float(self.audio_coverage), 4)},
+        }
+
+
+def uniform_indices(n: int, count: int) -> np.ndarray:
+    """``count`` indices spread uniformly over ``n`` items (segment centres; repeats when n < count)."""
+    if n <= 0:
+        raise InputError("cannot sample frames from an empty window")
+    return np.minimum(((np.arange(count) + 0.5) * n / count).astype(np.int64), n - 1)
+
+
+def _hold_nearest(boxes: list[FaceBox | None]) -> list[FaceBox | None]:
+    """Each missing box replaced by the nearest present one (the earlier on a tie)."""
+    have = [i for i, b in enumerate(boxes) if b is not None]
+    if not have:
+        return list(boxes)
+    return [b if b is not None else boxes[min(have, key=lambda j: (abs(j - i), j))] for i, b in enumerate(boxes)]
+
+
+class WindowBuilder:
+    """Assembles a :class:`Window` for any ``[t0, t1)`` from a frame ring and/or an audio ring."""
+
+    def __init__(self, frames: FrameRing | None, audio: AudioRing | None, options: WindowOptions = WindowOptions(),
+                 faces: FaceCache | None = None):
+        if frames is None and audio is None:
+            raise ConfigError("a window needs a video source, an audio source or both")
+        self.options = options.validate()
+        if audio is not None and audio.sample_rate != options.sample_rate:
+            raise ConfigError(f"audio ring at {audio.sample_rate} Hz but windows want {options.sample_rate} Hz: "
+                              "capture at the model's rate")
+        self.frames, self.audio = frames, audio
+        self.faces = faces if faces is not None or frames is None else FaceCache(FaceDetector())
+
+    def build(self, index: int, t0_ns: int, t1_ns: int) -> Window:
+        started = time.perf_counter()
+        frames = self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
+        timings: dict[str, float] = {}
+        vision = self._vision(frames, timings)
+        audio, coverage, rms = self._audio(t0_ns, t1_ns)
+        timings["window_ms"] = (time.perf_counter() - started) * 1e3
+        return Window(index=index, t0_ns=t0_ns, t1_ns=t1_ns, audio=audio, audio_coverage=coverage, audio_rms=rms,
+                      video_active=self.frames is not None, audio_active=self.audio is not None and coverage > 0,
+                      audio_present=self.audio is not None and coverage > 0
+                      and rms >= self.options.audio_rms_threshold,
+                      timings_ms=timings, built_ns=now_ns(), **vision)
+
+    def _vision(self, frames: list[Frame], timings: dict) -> dict:
+        opt = self.options
+        size = opt.face_size
+        started = time.perf_counter()
+        boxes = [self.faces.get(f.t_ns, f.image) for f in frames]
+        timings["faces_ms"] = (time.perf_counter() - started) * 1e3
+        detected = np.array([b is not None for b in boxes], bool)
+        present = bool(frames) and float(detected.mean()) >= opt.min_face_fraction and detected.any()
+        held = _hold_nearest(boxes)
+        started = time.perf_counter()
+        crops = (np.stack([crop_square(f.image, b, size, opt.face_margin) for f, b in zip(frames, held)])
+                 if present else np.zeros((0, size, size, 3), np.uint8))
+        timings["crops_ms"] = (time.perf_counter() - started) * 1e3
+        times = np.array([f.t_ns for f in frames], np.int64)
+        picks = uniform_indices(len(frames), opt.videomae_frames) if present else None
+        chosen = self._pick_frame(frames)
+        return dict(
+            frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
+            frame_times_ns=times, face_detected=detected,
+            face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in held], np.int32).reshape(-1, 4),
+            face_crops=crops, face_present=present,
+            videomae_frames=crops[picks] if present else None,
+            videomae_times_ns=times[picks] if present else None)
+
+    def _pick_frame(self, frames: list[Frame]) -> Frame | None:
+        if not frames:
+            return None
+        if self.options.frame_rule == "first":
+            return frames[0]
+        if self.options.frame_rule == "last":
+            return frames[-1]
+        middle = (frames[0].t_ns + frames[-1].t_ns) / 2 if len(frames) > 1 else frames[0].t_ns
+        return min(frames, key=lambda f: abs(f.t_ns - middle))
+
+    def _audio(self, t0_ns: int, t1_ns: int) -> tuple[np.ndarray | None, float, float]:
+        if self.audio is None:
+            return None, 0.0, 0.0
+        samples, coverage = self.audio.read(t0_ns, t1_ns)
+        rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+        return samples, coverage, rms
+
+
+class WindowScheduler:
+    """Cuts windows every hop as capture proceeds; the newest ready window wins when live and behind.
+
+    ``video`` supplies ``.frames`` and ``audio`` supplies ``.audio`` (the same VideoFileSource may be both;
+    either may be None). The sources must be started. ``next_window(timeout_s)`` returns the next window,
+    or None on timeout or at the end (then ``ended`` is true); a failed source's error is raised from it.
+    """
+
+    def __init__(self, video: Source | None, audio: Source | None, options: WindowOptions = WindowOptions(),
+                 faces: FaceCache | None = None):
+        self.options = options.validate()
+        self._frames = video.frames if video is not None else None
+        self._audio = audio.audio if audio is not None else None
+        self._sources = [s for s in dict.fromkeys(x for x in (video, audio) if x is not None)]
+        self._feeds = [(s, r) for s, r in ((video, self._frames), (audio, self._audio)) if r is not None]
+        if not self._feeds:
+            raise InputError("no capture: the video source has no frames and the audio source no audio "
+                             "(give a camera, a microphone or a file with at least one track)")
+        self.builder = WindowBuilder(self._frames, self._audio, options, faces)
+        live = all(s.realtime for s in self._sources)
+        self.drop_stale = live if options.drop_stale is None else options.drop_stale
+        self._cond = threading.Condition()
+        for _, ring in self._feeds:
+            ring.add_listener(self._wake)
+        self.start_ns: int | None = None
+        self._start_deadline: int | None = None
+        self.next_index = 0
+        self.dropped = 0
+        self.ended = False
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def __iter__(self):
+        while True:
+            window = self.next_window(timeout_s=None)
+            if window is None:
+                return
+            yield window
+
+    # --- timeline -----------------------------------------------------------------------------------------
+    def _t1(self, index: int) -> int:
+        return self.start_ns + self.options.window_ns + index * self.options.hop_ns
+
+    @staticmethod
+    def _first(ring) -> int | None:
+        return ring.first_t_ns() if isinstance(ring, FrameRing) else ring.start_ns()
+
+    @staticmethod
+    def _end(ring) -> int | None:
+        """Capture time up to which the ring is complete (exclusive for audio, the newest frame for video)."""
+        return ring.last_t_ns() if isinstance(ring, FrameRing) else ring.end_ns()
+
+    def _try_start(self, deadline_ns: int) -> None:
+        firsts = [(s, self._first(r)) for s, r in self._feeds]
+        waiting = [s for s, t in firsts if t is None and not s.finished]
+        if waiting and now_ns() < deadline_ns:
+            return
+        if waiting:
+            raise InputError(f"{waiting[0].kind} {waiting[0].name} delivered nothing within "
+                             f"{self.options.start_timeout_s} s of the start: check the device or its cable")
+        known = [t for _, t in firsts if t is not None]
+        if not known:
+            self.ended = True
+        else:
+            self.start_ns = max(known)
+
+    def _ready(self, t1_ns: int) -> bool:
+        slack = int(self.options.max_wait_s * NS_PER_S)
+        for source, ring in self._feeds:
+            end = self._end(ring)
+            if end is not None and end >= t1_ns or source.finished:
+                continue
+            if source.realtime and now_ns() >= t1_ns + slack:
+                continue
+            return False
+        return True
+
+    def _past_end(self, t1_ns: int) -> bool:
+        """All sources finished and the window reaches beyond every ring's data."""
+        if not all(s.finished for s, _ in self._feeds):
+            return False
+        ends = [e for e in (self._end(r) for _, r in self._feeds) if e is not None]
+        return not ends or t1_ns > max(ends)
+
+    def _check(self) -> None:
+        for source in self._sources:
+            source.check()
+        for source, ring in self._feeds:
+            if ring.block_when_full and self._stuck(ring):
+                raise ConfigError(f"the {source.kind} buffer of {source.name} is full but holds less than one "
+                                  f"window of {self.options.window_s} s: raise its ring_seconds above W + H")
+
+    def _stuck(self, ring) -> bool:
+        if not isinstance(ring, FrameRing) or len(ring) < ring.capacity:
+            return False
+        t0 = self._t1(self.next_index) - self.options.window_ns
+        first, last = ring.first_t_ns(), ring.last_t_ns()
+        return first is not None and first >= t0 and last < self._t1(self.next_index)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def next_window(self, timeout_s: float | None = None) -> Window | None:
+        """The next window once its data is in (None on timeout, or at the end with ``ended`` set).
+
+        While it waits, it detects faces on frames already captured, so that a window finds most of its
+        face boxes cached. One consumer only.
+        """
+        deadline = None if timeout_s is None else now_ns() + int(timeout_s * NS_PER_S)
+        if self._start_deadline is None:
+            self._start_deadline = now_ns() + int(self.options.start_timeout_s * NS_PER_S)
+        while True:
+            step = now_ns() + int(_POLL_S * NS_PER_S)
+            span = self._next_span(step if deadline is None else min(step, deadline))
+            if span is not None:
+                break
+            if self.ended or (deadline is not None and now_ns() >= deadline):
+                return None
+            self._prefetch_faces()
+        index, t0, t1 = span
+        window = self.builder.build(index, t0, t1)  # outside the lock: capture threads never wait on it
+        for _, ring in self._feeds:
+            ring.discard_before(self._t1(index + 1) - self.options.window_ns)
+        return window
+
+    def _prefetch_faces(self, budget_s: float = 0.02) -> None:
+        """Detect faces on captured frames not yet seen, for at most about ``budget_s``."""
+        if self._frames is None or self.builder.faces is None:
+            return
+        stop = time.perf_counter() + budget_s
+        for frame in self._frames.between(-2**62, 2**62):
+            if time.perf_counter() >= stop:
+                return
+            if not self.builder.faces.has(frame.t_ns):
+                self.builder.faces.get(frame.t_ns, frame.image)
+
+    def _next_span(self, deadline: int) -> tuple[int, int, int] | None:
+        with self._cond:
+            while not self.ended:
+                self._check()
+                if self.start_ns is None:
+                    self._try_start(self._start_deadline)
+                if self.start_ns is not None and not self.ended:
+                    t1 = self._t1(self.next_index)
+                    if self._past_end(t1):
+                        self.ended = True
+                        break
+                    if self._ready(t1):
+                        return self._take()
+                left = (deadline - now_ns()) / NS_PER_S
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+        return None
+
+    def _take(self) -> tuple[int, int, int]:
+        """Claim the next window (skipping to the newest ready one when dropping stale windows)."""
+        if self.drop_stale:
+            while not self._past_end(self._t1(self.next_index + 1)) and self._ready(self._t1(self.next_index + 1)):
+                self.next_index += 1
+                self.dropped += 1
+        index = self.next_index
+        self.next_index += 1
+        t1 = self._t1(index)
+        return index, t1 - self.options.window_ns, t1

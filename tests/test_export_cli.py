@@ -1,0 +1,80 @@
+"""`edge-emollama export` end to end on the tiny preset: artifacts, parity report, manifest, atomicity."""
+import json
+import shutil
+
+import pytest
+
+from edge_emollama.cli import main
+from edge_emollama.errors import ArtifactError
+from edge_emollama.runtime.artifacts import load_artifacts
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "tiny"
+    assert main(["export", "--preset", "tiny", "--out", str(out), "--validate"]) == 0
+    return out
+
+
+def test_export_writes_every_format_and_a_verified_manifest(tiny_export):
+    artifacts = load_artifacts(tiny_export)
+    kinds = {(e["format"], e.get("branch"), e.get("precision"), e.get("quant")) for e in artifacts.manifest["artifacts"]}
+    for branch in ("eva", "mae", "videomae", "hubert"):
+        assert ("onnx", branch, "fp32", None) in kinds and ("onnx", branch, "fp16", None) in kinds
+    assert {q for f, _, _, q in kinds if f == "gguf"} == {"F16", "Q8_0", "Q4_K_M"}
+    manifest = artifacts.manifest
+    assert manifest["labels"][0] == "happy" and manifest["prompt"]["layout"] == "inference"
+    assert manifest["media"]["rows"] == 8 and manifest["features"]["mae"] == "real"
+    assert "tensorrt" in manifest["skipped_formats"] and "pip install" in manifest["skipped_formats"]["tensorrt"]
+    assert not list(tiny_export.parent.glob(".tiny.partial-*"))
+
+
+def test_validation_report_meets_the_stated_tolerances(tiny_export):
+    report = json.loads((tiny_export / "validation.json").read_text())
+    assert len(report["encoders"]) == 8 and all(r["passed"] for r in report["encoders"])
+    rows = {r["quant"]: r for r in report["llm"]}
+    assert rows["F16"]["windows"] == 100 and rows["F16"]["top_label_agreement"] == 1.0
+    assert rows["F16"]["kl_max"] < 1e-3
+    assert rows["Q8_0"]["top_label_agreement"] >= 0.99
+    assert "Q4_K_M" in rows
+
+
+def test_tampered_artifact_is_refused(tiny_export, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    target = copy / "onnx" / "mae.onnx"
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ArtifactError, match="mae.onnx differs.*re-export"):
+        load_artifacts(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="not a finished export"):
+        load_artifacts(copy)
+
+
+def test_failed_export_leaves_nothing_that_looks_finished(tmp_path, monkeypatch, capsys):
+    from edge_emollama.export import formats
+
+    def broken(ctx):
+        raise OSError(28, "No space left on device")
+
+    fmts = tuple(f if f.name != "gguf" else formats.ExportFormat(f.name, f.writes, f.needs, f.requires, broken,
+                                                                  f.install) for f in formats.FORMATS)
+    monkeypatch.setattr(formats, "FORMATS", fmts)
+    out = tmp_path / "tiny"
+    assert main(["export", "--preset", "tiny", "--out", str(out), "--formats", "onnx", "gguf"]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bad_requests_get_one_clear_error(tmp_path, capsys):
+    assert main(["export", "--preset", "tiny", "--out", str(tmp_path / "t"), "--formats", "tensorrt"]) == 2
+    assert "pip install tensorrt" in capsys.readouterr().err
+    assert main(["export", "--preset", "tinny", "--out", str(tmp_path / "t")]) == 2
+    assert "did you mean 'tiny'" in capsys.readouterr().err
+    assert main(["export", "--preset", "emotion-llama", "--out", str(tmp_path / "e")]) == 2
+    assert "--checkpoints" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "--preset", "tiny", "--out", str(blocker / "sub"), "--formats", "onnx"]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()

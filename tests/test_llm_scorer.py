@@ -1,0 +1,179 @@
+"""LlamaCppScorer on a random tiny LLaMA written as f32 GGUF, against PyTorch fp32.
+
+Tolerance: label log-probabilities and logits agree with PyTorch to <= 1e-3 * std(logits) (absolute
+for log-probabilities); embedding batches of token embeddings give the same logits as the tokens to
+<= 1e-5 * std (llama.cpp's CPU path is in practice bit-identical).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+from edge_emollama.errors import ArtifactError, InputError  # noqa: E402
+from edge_emollama.export.gguf_writer import write_llama_gguf  # noqa: E402
+from edge_emollama.prompt import label_pieces  # noqa: E402
+from edge_emollama.runtime.llm import LlamaCppScorer, log_softmax  # noqa: E402
+from edge_emollama.spec import LABELS, LlamaSpec  # noqa: E402
+from edge_emollama.vocab import tiny_vocab  # noqa: E402
+
+SPEC = LlamaSpec(hidden=64, layers=2, heads=4, kv_heads=4, ffn=172, vocab=0, context=1024)
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def model_and_path(tmp_path_factory):
+    """A seeded random transformers LLaMA (fp32, eager) and its f32 GGUF."""
+    vocab = tiny_vocab()
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=SPEC.hidden, intermediate_size=SPEC.ffn, num_hidden_layers=SPEC.layers,
+        num_attention_heads=SPEC.heads, num_key_value_heads=SPEC.kv_heads, rms_norm_eps=SPEC.eps,
+        max_position_embeddings=SPEC.context, tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if p.ndim == 1 else 0.15 * torch.randn_like(p))
+    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    path = write_llama_gguf(tmp_path_factory.mktemp("llm") / "tiny.gguf", state, SPEC, vocab, {"test": True}, "f32")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def scorer(model_and_path):
+    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2) as s:
+        yield s
+
+
+def embed(model, ids: list[int]) -> np.ndarray:
+    return model.model.embed_tokens.weight[ids].detach().numpy().copy()
+
+
+def sequence(model, parts: list, media: np.ndarray | None) -> np.ndarray:
+    """The input embeddings PyTorch sees for ``parts``."""
+    return np.concatenate([embed(model, p) if isinstance(p, list) else media[p[1]:p[2]] for p in parts])
+
+
+def torch_label_logprobs(model, rows: np.ndarray, labels: list[list[int]]) -> np.ndarray:
+    """Reference: chain rule over each label's pieces with full-vocabulary log softmax."""
+    out = []
+    for pieces in labels:
+        seq = np.concatenate([rows, embed(model, pieces[:-1])]) if len(pieces) > 1 else rows
+        with torch.no_grad():
+            logits = model(inputs_embeds=torch.from_numpy(seq)[None]).logits[0].double().numpy()
+        steps = log_softmax(logits[len(rows) - 1:])
+        out.append(sum(steps[i, t] for i, t in enumerate(pieces)))
+    return np.array(out)
+
+
+def torch_logits(model, rows: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(inputs_embeds=torch.from_numpy(rows)[None]).logits[0, -1].double().numpy()
+
+
+def prompt(scorer) -> tuple[list, np.ndarray]:
+    """Inference-layout parts around 6 random media rows, and those rows."""
+    first = scorer.tokenize("<s>[INST] <video>", add_bos=True)
+    rest = scorer.tokenize("</video> The person in video says: hello.  [emotion] Please determine. [/INST]", False)
+    media = np.random.default_rng(5).normal(0, 0.15, (6, scorer.n_embd)).astype(np.float32)
+    return [first, ("media", 0, 6), rest], media
+
+
+def test_tokenize_and_pieces(scorer):
+    assert scorer.n_embd == SPEC.hidden and scorer.n_vocab == len(tiny_vocab())
+    ids = scorer.tokenize("<s>[INST] happy", add_bos=True)
+    assert ids[:2] == [1, 1]  # BOS added plus the literal <s> parsed as BOS (as the reference does)
+    assert scorer.piece(ids[1]) == "<s>"
+    assert "".join(scorer.piece(t) for t in ids[2:]).strip() == "[INST] happy"
+    assert scorer.detokenize(scorer.tokenize("hello there", add_bos=True)) == "hello there"
+    pieces = label_pieces(scorer)
+    multi = {label: len(p) for label, p in zip(LABELS, pieces) if len(p) > 1}
+    assert set(multi) >= {"worried", "contempt"}
+
+
+def test_logits_match_pytorch(scorer, model_and_path):
+    model = model_and_path[0]
+    parts, media = prompt(scorer)
+    ref = torch_logits(model, sequence(model, parts, media))
+    diff = np.abs(scorer.next_logits(parts, media) - ref).max() / ref.std()
+    print(f"\nlogits with a media block: max|diff|/std {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_embedding_batches_equal_tokens(scorer, model_and_path):
+    model = model_and_path[0]
+    ids = scorer.tokenize("<s>[INST] i feel really good today, thanks [/INST]", add_bos=True)
+    rows = embed(model, ids)
+    tokens = scorer.next_logits([ids])
+    as_rows = scorer.next_logits([("media", 0, len(ids))], rows)
+    mixed = scorer.next_logits([ids[:3], ("media", 3, 6), ids[6:9], ("media", 9, len(ids))], rows)
+    print(f"\nembedding batch vs tokens: max|diff| {np.abs(as_rows - tokens).max():.1e}, "
+          f"alternating {np.abs(mixed - tokens).max():.1e}")
+    assert np.abs(as_rows - tokens).max() <= 1e-5 * tokens.std()
+    assert np.abs(mixed - tokens).max() <= 1e-5 * tokens.std()
+
+
+def test_label_logprobs_match_pytorch_and_reuse_the_prefix(scorer, model_and_path):
+    model = model_and_path[0]
+    parts, media = prompt(scorer)
+    labels = label_pieces(scorer)
+    got = scorer.label_logprobs(parts, media, labels)
+    ref = torch_label_logprobs(model, sequence(model, parts, media), labels)
+    print(f"\nlabel log-probs: max|diff| {np.abs(got - ref).max():.2e}")
+    assert np.abs(got - ref).max() <= TOL
+    assert np.array_equal(scorer.label_logprobs(parts, media, labels), got)  # cache restored after labels
+
+    other = media[::-1] * 1.5
+    got2 = scorer.label_logprobs(parts, other, labels)
+    assert scorer.reused == len(parts[0])  # only the part after the first difference was decoded
+    assert np.abs(got2 - torch_label_logprobs(model, sequence(model, parts, other), labels)).max() <= TOL
+    assert np.abs(got2 - got).max() > 1e-3  # the media block matters
+
+    changed = [parts[0][:-1] + [parts[0][-1] + 1]] + parts[1:]
+    got3 = scorer.label_logprobs(changed, media, labels)
+    assert scorer.reused == len(parts[0]) - 1
+    assert np.abs(got3 - torch_label_logprobs(model, sequence(model, changed, media), labels)).max() <= TOL
+
+
+def test_token_only_prompt_repeated_and_small_batches(scorer, model_and_path):
+    parts, media = prompt(scorer)
+    text_only = [parts[0], parts[2]]
+    first = scorer.next_logits(text_only)
+    assert np.array_equal(scorer.next_logits(text_only), first)  # fully cached prompt: last token redone
+    assert scorer.reused == len(parts[0]) + len(parts[2]) - 1
+    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2, n_batch=4) as small:
+        labels = label_pieces(small)
+        a = small.label_logprobs(parts, media, labels)
+    assert np.abs(a - scorer.label_logprobs(parts, media, labels)).max() <= 1e-5
+
+
+def test_generate_is_greedy_like_pytorch(scorer, model_and_path):
+    model = model_and_path[0]
+    parts, media = prompt(scorer)
+    rows = sequence(model, parts, media)
+    ids = []
+    for _ in range(6):
+        step = np.concatenate([rows, embed(model, ids)]) if ids else rows
+        ids.append(int(np.argmax(torch_logits(model, step))))
+    text = scorer.generate(parts, media, max_tokens=6, stop_on_eos=False)
+    assert text == scorer.detokenize(ids)
+    assert scorer.label_logprobs(parts, media, label_pieces(scorer)).shape == (len(LABELS),)
+
+
+def test_bad_inputs_are_named(scorer, model_and_path, tmp_path):
+    parts, media = prompt(scorer)
+    with pytest.raises(InputError, match="outside"):
+        scorer.next_logits([parts[0], ("media", 0, 7)], media)
+    with pytest.raises(InputError, match=f"\\[R, {SPEC.hidden}\\]"):
+        scorer.next_logits(parts, media[:, :10])
+    with pytest.raises(InputError, match="n_ctx"):
+        scorer.next_logits([[1] + [5] * 300])
+    with pytest.raises(InputError, match="non-empty"):
+        scorer.next_logits([parts[0], []])
+    with pytest.raises(ArtifactError, match="not found"):
+        LlamaCppScorer(tmp_path / "none.gguf")
+    assert np.isfinite(scorer.label_logprobs(parts, media, label_pieces(scorer))).all()  # still usable

@@ -1,0 +1,39 @@
+"""Encoder branches -> ONNX -> ONNX Runtime equals PyTorch, with the per-window axes dynamic."""
+import numpy as np
+import onnx
+import pytest
+
+from edge_emollama.export.onnx_export import convert_fp16, export_branch
+from edge_emollama.export.validate import ENCODER_LIMITS, encoder_parity
+from edge_emollama.spec import TINY
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_reference):
+    folder = tmp_path_factory.mktemp("onnx")
+    files = {}
+    for branch, module in tiny_reference.branches().items():
+        (fp32,) = export_branch(module, branch, TINY, folder / f"{branch}.onnx", 17, {"preset": "tiny"})
+        (fp16,) = convert_fp16(fp32, folder / f"{branch}.fp16.onnx", {"preset": "tiny"})
+        files[branch] = {"fp32": fp32, "fp16": fp16}
+    return files
+
+
+@pytest.mark.parametrize("branch", ["eva", "mae", "videomae", "hubert"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_onnx_matches_pytorch_on_fresh_inputs(exported, tiny_reference, branch, precision):
+    rng = np.random.default_rng()   # fresh draws: frame counts 1..16, audio 0.5..3 s
+    row = encoder_parity(tiny_reference, TINY, branch, precision, exported[branch][precision], rng, trials=3)
+    assert row["max_rel_err"] <= ENCODER_LIMITS[precision], row
+    assert row["max_rel_err"] > 0 or precision == "fp32"
+
+
+def test_metadata_and_dynamic_axes_are_recorded(exported):
+    model = onnx.load(str(exported["mae"]["fp32"]))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["branch"] == "mae" and meta["preset"] == "tiny"
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "frames"
+    audio = onnx.load(str(exported["hubert"]["fp16"]))
+    assert audio.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT   # fp32 I/O kept
+    assert audio.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "samples"
