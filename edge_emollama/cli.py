@@ -43,7 +43,12 @@ def _overrides(args) -> dict:
     return o
 
 
-COMMANDS = {"export": (_export_parser, _cmd_export)}
+def _commands() -> dict:
+    from . import commands as c
+
+    return {"export": (_export_parser, _cmd_export), "run": (c.add_run_parser, c.cmd_run),
+            "listen": (c.add_listen_parser, c.cmd_listen), "explain": (c.add_explain_parser, c.cmd_explain),
+            "demo": (c.add_demo_parser, c.cmd_demo)}
 
 
 def main(argv: list | None = None) -> int:
@@ -51,7 +56,8 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--config", help="config.yaml (default: built-in defaults)")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add, _ in COMMANDS.values():
+    commands = _commands()
+    for add, _ in commands.values():
         add(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -61,7 +67,7 @@ def main(argv: list | None = None) -> int:
         from .config import load_config
 
         cfg = load_config(args.config, _overrides(args))
-        return COMMANDS[args.command][1](args, cfg)
+        return commands[args.command][1](args, cfg)
     except EdgeEmollamaError as exc:
         print(f"edge-emollama {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -77,6 +77,8 @@ class RuntimeConfig:
     providers: list = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                      "CPUExecutionProvider"])
     threads: int = 0            # 0: all cores
+    precision: str = "fp32"     # ONNX encoders: fp32 | fp16
+    quant: str = "F16"          # GGUF the LLM stage loads: F16 | Q8_0 | Q4_K_M (as exported)
     n_gpu_layers: int = -1      # llama.cpp layers on the GPU when built with CUDA (-1: all)
     subtitle: str = ""          # the transcript line fed to the prompt (no ASR in the loop yet)
     smoothing: str = "ema"
@@ -86,6 +88,8 @@ class RuntimeConfig:
     publish: str = "tcp://127.0.0.1:5555"
     control: str = "tcp://127.0.0.1:5556"
     sndhwm: int = 16
+    reasoning: bool = True      # the explain verb: a second llama.cpp instance for [reason] text
+    reason_tokens: int = 96
 
 
 @dataclass

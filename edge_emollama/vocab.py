@@ -164,8 +164,8 @@ class LlamaTokenizer:
         if not Path(gguf_path).is_file():
             raise CheckpointError(f"vocabulary file {gguf_path} not found")
         self.path = Path(gguf_path)
-        quiet_llama_cpp()
         self._llama = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+        quiet_llama_cpp()   # after the constructor, which resets the level
 
     def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))

@@ -120,7 +120,11 @@ def _add_metadata(writer, metadata: dict) -> None:
 
 def write_llama_gguf(path: str | os.PathLike, state_dict: dict, spec: LlamaSpec, vocab: Vocab,
                      metadata: dict, ftype: str = "f16") -> Path:
-    """Write HF-named float32 LLaMA weights as a llama.cpp GGUF (norms f32, matrices ``ftype``), atomically."""
+    """Write HF-named float32 LLaMA weights as a llama.cpp GGUF (norms f32, matrices ``ftype``), atomically.
+
+    Tied embeddings (``lm_head.weight`` sharing memory with ``model.embed_tokens.weight``, as a tied HF
+    model's state dict has them) are written once, without ``output.weight``, as llama.cpp expects.
+    """
     gguf = require("gguf")
     if ftype not in FTYPES:
         raise ConfigError(f"unknown GGUF ftype '{ftype}': use one of {FTYPES} (quantize afterwards)")
@@ -136,7 +140,10 @@ def write_llama_gguf(path: str | os.PathLike, state_dict: dict, spec: LlamaSpec,
         _add_hparams(writer, spec, len(vocab), ftype)
         add_vocab_metadata(writer, vocab)
         _add_metadata(writer, metadata)
+        tied = np.shares_memory(state_dict["lm_head.weight"], state_dict["model.embed_tokens.weight"])
         for hf, cpp in tensor_names(spec).items():
+            if tied and hf == "lm_head.weight":
+                continue
             w = np.asarray(state_dict[hf], dtype=np.float32)
             n_head = _n_head_for(hf, spec)
             w = _permute(w, n_head) if n_head else w

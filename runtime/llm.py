@@ -20,6 +20,7 @@ from ..vocab import quiet_llama_cpp
 __all__ = ["LlamaCppScorer", "log_softmax"]
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}      # GGML_TYPE_* of the KV cache
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -35,11 +36,13 @@ class LlamaCppScorer:
     """One llama.cpp model and context (sequence 0), scoring labels and generating greedily."""
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, verbose: bool = False):
+                 n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
+                 verbose: bool = False):
         lc = self._lc = require("llama_cpp")
         self._model = self._ctx = None
-        if flash_attn not in FLASH_ATTN:
-            raise ConfigError(f"flash_attn='{flash_attn}': use one of {sorted(FLASH_ATTN)}")
+        if flash_attn not in FLASH_ATTN or kv_type not in KV_TYPES:
+            raise ConfigError(f"flash_attn='{flash_attn}', kv_type='{kv_type}': use one of {sorted(FLASH_ATTN)} "
+                              f"and one of {sorted(KV_TYPES)}")
         if not Path(gguf_path).is_file():
             raise ArtifactError(f"LLM file {gguf_path} not found: run the export first")
         quiet_llama_cpp(verbose)
@@ -49,7 +52,7 @@ class LlamaCppScorer:
         self._model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self._model:
             raise ArtifactError(f"llama.cpp could not load {gguf_path} (not a GGUF, or an unsupported one)")
-        self._ctx = lc.llama_init_from_model(self._model, self._context_params(n_ctx, n_threads, flash_attn, n_batch))
+        self._ctx = lc.llama_init_from_model(self._model, self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type))
         if not self._ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {gguf_path} (n_ctx={n_ctx})")
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -64,7 +67,7 @@ class LlamaCppScorer:
         self.n_past = 0               # positions of the last prompt in the cache
         self.reused = 0               # positions kept from the previous call by the last call
 
-    def _context_params(self, n_ctx: int, n_threads: int | None, flash_attn: str, n_batch: int):
+    def _context_params(self, n_ctx: int, n_threads: int | None, flash_attn: str, n_batch: int, kv_type: str):
         params = self._lc.llama_context_default_params()
         threads = n_threads or max(1, min(8, os.cpu_count() or 1))
         params.n_ctx = n_ctx
@@ -72,6 +75,7 @@ class LlamaCppScorer:
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[flash_attn]
+        params.type_k = params.type_v = KV_TYPES[kv_type]
         params.no_perf = True
         return params
 

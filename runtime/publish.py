@@ -33,7 +33,7 @@ from .fusion import FusedEstimate, FusionEvent
 
 __all__ = [
     "TOPICS", "SCHEMA_VERSION", "SCHEMA_PATH", "PublisherOptions", "Publisher", "StatusTracker",
-    "estimate_payload", "load_schema", "message_errors", "decode_message", "dumps", "set_heartbeats",
+    "estimate_payload", "load_schema", "schema_errors", "message_errors", "decode_message", "dumps", "set_heartbeats",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,20 @@ def _validator(definition: str):
     return jsonschema.Draft202012Validator(root)
 
 
+def schema_errors(definition: str, instance) -> list[str]:
+    """Why ``instance`` does not follow ``#/$defs/<definition>`` of the schema (empty when it does)."""
+    if definition not in load_schema()["$defs"]:
+        raise ConfigError(f"no definition '{definition}' in the wire schema: use one of {sorted(load_schema()['$defs'])}")
+    errors = sorted(_validator(definition).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    return [f"{'/'.join(str(p) for p in e.absolute_path) or '(message)'}: {e.message}" for e in errors]
+
+
 def message_errors(topic: str, header, payload) -> list[str]:
     """Why ``[topic, header, payload]`` does not follow the schema (empty when it does)."""
     kind = _KIND_OF_TOPIC.get(topic)
     if kind is None:
         return [f"unknown topic {topic!r}: expected one of {sorted(_KIND_OF_TOPIC)}"]
-    message = {"topic": topic, "header": header, "payload": payload}
-    errors = sorted(_validator(f"{kind}_message").iter_errors(message), key=lambda e: list(e.absolute_path))
-    out = [f"{'/'.join(str(p) for p in e.absolute_path) or '(message)'}: {e.message}" for e in errors]
+    out = schema_errors(f"{kind}_message", {"topic": topic, "header": header, "payload": payload})
     if kind == "estimate" and not out:
         out += _sum_errors(payload)
     return out

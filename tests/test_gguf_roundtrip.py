@@ -55,10 +55,11 @@ def torch_logits(model, ids: list[int]) -> np.ndarray:
         return model(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
 
 
-def scorer(path, **kw):
+def scorer(path):
+    """A scorer computing in f32 throughout (flash attention off, f32 KV cache), for tight comparisons."""
     llm = pytest.importorskip("edge_emollama.runtime.llm")
     pytest.importorskip("llama_cpp")
-    return llm.LlamaCppScorer(path, n_ctx=kw.pop("n_ctx", 256), n_threads=THREADS, **kw)
+    return llm.LlamaCppScorer(path, n_ctx=256, n_threads=THREADS, flash_attn="off", kv_type="f32")
 
 
 def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:

@@ -1,7 +1,8 @@
 """LlamaCppScorer on a random tiny LLaMA written as f32 GGUF, against PyTorch fp32.
 
-Tolerance: label log-probabilities and logits agree with PyTorch to <= 1e-3 * std(logits) (absolute
-for log-probabilities); embedding batches of token embeddings give the same logits as the tokens to
+Tolerance: with flash attention off and an f32 KV cache, label log-probabilities and logits agree with
+PyTorch to <= 1e-3 * std(logits) (absolute for log-probabilities; measured ~1e-5); with the production
+defaults (flash attention auto, f16 KV cache) to <= 1e-2 * std (measured ~3e-3); embedding batches of token embeddings give the same logits as the tokens to
 <= 1e-5 * std (llama.cpp's CPU path is in practice bit-identical).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from edge_emollama.vocab import tiny_vocab  # noqa: E402
 
 SPEC = LlamaSpec(hidden=64, layers=2, heads=4, kv_heads=4, ffn=172, vocab=0, context=1024)
 TOL = 1e-3
+EXACT = {"flash_attn": "off", "kv_type": "f32"}  # CPU flash attention and an f16 KV cache cost ~3e-3 * std
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def model_and_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scorer(model_and_path):
-    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2) as s:
+    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2, **EXACT) as s:
         yield s
 
 
@@ -89,7 +91,7 @@ def test_tokenize_and_pieces(scorer):
     assert ids[:2] == [1, 1]  # BOS added plus the literal <s> parsed as BOS (as the reference does)
     assert scorer.piece(ids[1]) == "<s>"
     assert "".join(scorer.piece(t) for t in ids[2:]).strip() == "[INST] happy"
-    assert scorer.detokenize(scorer.tokenize("hello there", add_bos=True)) == "hello there"
+    assert scorer.detokenize(scorer.tokenize("hello there", add_bos=False)) == "hello there"
     pieces = label_pieces(scorer)
     multi = {label: len(p) for label, p in zip(LABELS, pieces) if len(p) > 1}
     assert set(multi) >= {"worried", "contempt"}
@@ -102,6 +104,16 @@ def test_logits_match_pytorch(scorer, model_and_path):
     diff = np.abs(scorer.next_logits(parts, media) - ref).max() / ref.std()
     print(f"\nlogits with a media block: max|diff|/std {diff:.2e}")
     assert diff <= TOL
+
+
+def test_default_settings_are_close(model_and_path):
+    model, path = model_and_path
+    ids = [1, 5, 77, 300, 12, 900, 44, 3]
+    ref = torch_logits(model, embed(model, ids))
+    with LlamaCppScorer(path, n_ctx=64, n_threads=2) as fast:
+        diff = np.abs(fast.next_logits([ids]) - ref).max() / ref.std()
+    print(f"\ndefault settings (flash attention auto, f16 KV): max|diff|/std {diff:.2e}")
+    assert diff <= 1e-2
 
 
 def test_embedding_batches_equal_tokens(scorer, model_and_path):
@@ -143,9 +155,10 @@ def test_token_only_prompt_repeated_and_small_batches(scorer, model_and_path):
     parts, media = prompt(scorer)
     text_only = [parts[0], parts[2]]
     first = scorer.next_logits(text_only)
-    assert np.array_equal(scorer.next_logits(text_only), first)  # fully cached prompt: last token redone
+    again = scorer.next_logits(text_only)  # fully cached prompt: only the last token is decoded again
+    assert np.abs(again - first).max() <= 1e-5 * first.std()  # (a 1-row batch rounds a little differently)
     assert scorer.reused == len(parts[0]) + len(parts[2]) - 1
-    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2, n_batch=4) as small:
+    with LlamaCppScorer(model_and_path[1], n_ctx=256, n_threads=2, n_batch=4, **EXACT) as small:
         labels = label_pieces(small)
         a = small.label_logprobs(parts, media, labels)
     assert np.abs(a - scorer.label_logprobs(parts, media, labels)).max() <= 1e-5

@@ -83,7 +83,7 @@ class EmotionLlamaReference(nn.Module):
         for pieces in label_pieces(self.tokenizer):
             score = first[pieces[0]]
             if len(pieces) > 1:
-                cache = copy.deepcopy(out.past_key_values)
+                cache = copy.deepcopy(out["cache"] if "cache" in out else out["past_key_values"])
                 more = self.llama_model(input_ids=torch.tensor([pieces[:-1]]), **_cache_kwarg(self.llama_model, cache))
                 steps = torch.log_softmax(more.logits[0].double(), dim=-1)
                 score = score + sum(steps[i, pieces[i + 1]] for i in range(len(pieces) - 1))

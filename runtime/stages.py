@@ -1,0 +1,131 @@
+"""The two compute stages of a window: encoders (ONNX Runtime) and the LLM scorer (llama.cpp).
+
+Both work on plain dicts, the form in which items travel over the stage links (runtime/link.py):
+a window item has the arrays of :class:`~edge_emollama.runtime.windows.Window`; the encoder stage adds
+``rows`` (the media block); the LLM stage adds ``probabilities``.
+
+Absent input follows the original's zero rule: a branch whose input is missing (no face in the window,
+no audio source or silence below the threshold, or switched to ``zeros`` in the config) contributes the
+row of a zero 1024-d feature, i.e. its projector's bias, and the estimate says so in ``presence``. Without
+any video, EVA sees an all-zero (mean-colour) image.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import preprocess
+from ..prompt import label_pieces, prompt_parts
+from ..spec import FEATURE_BRANCHES, ModelSpec, get_preset
+from .artifacts import Artifacts
+from .encoders import OnnxEncoders
+from .fusion import softmax
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+class EncoderStage:
+    """window item -> media rows [media_rows, hidden] float32 (the documented order)."""
+
+    def __init__(self, artifacts: Artifacts, precision: str = "fp32", providers: list | None = None,
+                 threads: int = 0, zeros: tuple = (), parallel: bool = True):
+        self.spec: ModelSpec = get_preset(artifacts.preset)
+        self.zeros = tuple(zeros) + tuple(b for b in FEATURE_BRANCHES if artifacts.manifest["features"][b] == "zeros")
+        branches = ("eva",) + tuple(b for b in FEATURE_BRANCHES if b not in self.zeros)
+        self.encoders = OnnxEncoders(artifacts, precision, providers, threads, branches)
+        self.zero_rows = np.load(artifacts.root / artifacts.manifest["features"]["zero_rows"])
+        self._pool = ThreadPoolExecutor(len(branches), thread_name_prefix="encoder") if parallel else None
+
+    def inputs(self, item: dict) -> dict:
+        """Preprocessed encoder inputs of the branches that run for this window (None: zero row)."""
+        spec, frame = self.spec, item.get("frame")
+        size = spec.eva.image_size
+        pixels = (preprocess.eva_pixels(frame, spec) if frame is not None
+                  else np.zeros((1, 3, size, size), np.float32))
+        face = bool(item.get("face_present"))
+        audio = item.get("audio")
+        inputs = {"eva": {"pixels": pixels},
+                  "mae": {"faces": preprocess.face_batch(list(item["face_crops"]), spec)} if face else None,
+                  "videomae": {"clip": preprocess.video_clip(list(item["videomae_frames"]), spec)} if face else None,
+                  "hubert": ({"pcm": preprocess.audio_pcm(audio, spec)}
+                             if audio is not None and item.get("audio_present") else None)}
+        return {k: (None if k in self.zeros else v) for k, v in inputs.items()}
+
+    def __call__(self, item: dict) -> dict:
+        start = time.perf_counter()
+        inputs = self.inputs(item)
+        timings = {"preprocess": _ms(start)}
+        jobs = {name: (self._pool.submit(self._timed, name, feed) if self._pool else self._timed(name, feed))
+                for name, feed in inputs.items() if feed is not None}
+        outputs = {name: (job.result() if self._pool else job) for name, job in jobs.items()}
+        for name, (_, ms) in outputs.items():
+            timings[f"encoder_{name}"] = ms
+        patch_rows, cls_row = outputs["eva"][0]
+        rows = [patch_rows]
+        for i, name in enumerate(FEATURE_BRANCHES):
+            rows.append(outputs[name][0][0] if name in outputs else self.zero_rows[i:i + 1])
+        rows.append(cls_row)
+        timings["encoders"] = _ms(start)
+        used = {name: name in outputs for name in FEATURE_BRANCHES}
+        return {"rows": np.concatenate(rows).astype(np.float32, copy=False), "encoder_timings": timings,
+                "features_used": used}
+
+    def warmup(self) -> None:
+        """One synthetic window through every branch (ONNX Runtime plans its first run lazily)."""
+        spec, rng = self.spec, np.random.default_rng(0)
+        crops = rng.integers(0, 255, (spec.videomae.frames, spec.mae.image_size, spec.mae.image_size, 3), np.uint8)
+        self({"frame": rng.integers(0, 255, (96, 128, 3), np.uint8), "face_present": True, "face_crops": crops,
+              "videomae_frames": crops, "audio": np.zeros(spec.hubert.sample_rate, np.float32),
+              "audio_present": True})
+
+    def _timed(self, name: str, feed: dict) -> tuple:
+        start = time.perf_counter()
+        return self.encoders.run(name, feed), _ms(start)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+class LlmStage:
+    """media rows -> label distribution (prompt order), the prompt prefix kept in llama.cpp's KV cache."""
+
+    def __init__(self, artifacts: Artifacts, quant: str = "F16", threads: int | None = None, n_gpu_layers: int = 0,
+                 layout: str | None = None, n_ctx: int = 0):
+        from ..vocab import LlamaTokenizer
+        from .llm import LlamaCppScorer
+
+        self.spec = get_preset(artifacts.preset)
+        self.layout = layout or artifacts.manifest["prompt"]["layout"]
+        self.path = artifacts.path(format="gguf", quant=quant)
+        self.tokenizer = LlamaTokenizer(self.path)
+        self.pieces = [list(p) for p in artifacts.manifest["label_pieces"]]
+        if self.pieces != label_pieces(self.tokenizer):
+            from ..errors import ArtifactError
+            raise ArtifactError(f"{self.path}: label pieces differ from the manifest's; re-export the folder")
+        self.n_ctx = n_ctx or min(self.spec.llama.context, 2048)
+        self.scorer = LlamaCppScorer(self.path, n_ctx=self.n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers)
+        self._parts_cache: dict = {}
+
+    def parts(self, subtitle: str, task: str = "emotion") -> list:
+        key = (subtitle, task)
+        if key not in self._parts_cache:
+            if len(self._parts_cache) > 64:
+                self._parts_cache.clear()
+            self._parts_cache[key] = prompt_parts(self.tokenizer, self.spec, subtitle, self.layout, task)
+        return self._parts_cache[key]
+
+    def __call__(self, rows: np.ndarray, subtitle: str = "") -> dict:
+        start = time.perf_counter()
+        logprobs = self.scorer.label_logprobs(self.parts(subtitle), rows, self.pieces)
+        return {"probabilities": softmax(logprobs), "llm_ms": _ms(start), "llm_reused": self.scorer.reused}
+
+    def warmup(self) -> None:
+        self(np.zeros((self.spec.media_rows, self.spec.llama.hidden), np.float32), "")
+
+    def close(self) -> None:
+        self.scorer.close()

@@ -1,0 +1,167 @@
+"""Windows cut from a real clip: timing invariants, the encoders' inputs, presence, stale-window dropping."""
+import time
+
+import numpy as np
+import pytest
+
+from edge_emollama.errors import ConfigError
+from edge_emollama.runtime.clock import NS_PER_S
+from edge_emollama.runtime.faces import FaceBox, FaceCache, FaceDetector, FaceOptions, crop_square
+from edge_emollama.runtime.sample_clip import write_sample_clip
+from edge_emollama.runtime.sources import FileOptions, VideoFileSource
+from edge_emollama.runtime.windows import WindowOptions, WindowScheduler, uniform_indices
+from edge_emollama.spec import EMOTION_LLAMA, TINY
+
+FAST_FACES = FaceOptions(detect_width=160, min_size_frac=0.3, scale_factor=1.2)  # same cascade, fewer scales
+FPS, SECONDS = 20, 6.0
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_sample_clip(tmp_path_factory.mktemp("clip") / "talking.mp4", seconds=SECONDS, fps=FPS)
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory):
+    return write_sample_clip(tmp_path_factory.mktemp("short") / "short.mp4", seconds=2.0, fps=FPS, voice="synth")
+
+
+@pytest.fixture(scope="module")
+def blank(tmp_path_factory):
+    """No face, no voice."""
+    return write_sample_clip(tmp_path_factory.mktemp("blank") / "blank.mkv", seconds=3.0, voice="none",
+                             face=False)
+
+
+def run_windows(path, options, realtime=False, video=True, audio=True, faces=None, limit_s=20.0):
+    src = VideoFileSource(path, realtime=realtime, options=FileOptions(video=video, audio=audio))
+    with src:
+        scheduler = WindowScheduler(src if video else None, src if audio else None, options,
+                                    faces or FaceCache(FaceDetector(FAST_FACES)))
+        windows, deadline = [], time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            window = scheduler.next_window(timeout_s=1.0)
+            if window is None and scheduler.ended:
+                break
+            if window is not None:
+                windows.append(window)
+        assert scheduler.ended, "the scheduler did not reach the end of the clip in time"
+    return scheduler, windows
+
+
+@pytest.fixture(scope="module")
+def offline(clip):
+    return run_windows(clip, WindowOptions.for_spec(EMOTION_LLAMA))
+
+
+def test_window_timing_invariants(offline):
+    scheduler, windows = offline
+    opts = scheduler.options
+    assert len(windows) == int((SECONDS - opts.window_s) / opts.hop_s) + 1 and scheduler.dropped == 0
+    assert [w.index for w in windows] == list(range(len(windows)))
+    t0s = np.array([w.t0_ns for w in windows])
+    t1s = np.array([w.t1_ns for w in windows])
+    assert np.all(np.diff(t0s) > 0) and np.all(np.diff(t1s) > 0)
+    assert np.all(t1s - t0s == opts.window_ns) and np.all(np.diff(t1s) == opts.hop_ns)
+    for w in windows:
+        assert np.all((w.frame_times_ns >= w.t0_ns) & (w.frame_times_ns < w.t1_ns))
+        assert np.all(np.diff(w.frame_times_ns) > 0)
+
+
+def test_window_holds_the_encoders_inputs(offline):
+    _, windows = offline
+    size, frames = EMOTION_LLAMA.mae.image_size, EMOTION_LLAMA.videomae.frames
+    for w in windows:
+        n = w.frame_times_ns.size
+        assert n == pytest.approx(2.0 * FPS, abs=1)
+        assert w.face_present and w.face_fraction >= 0.9
+        assert w.face_crops.shape == (n, size, size, 3) and w.face_crops.dtype == np.uint8
+        assert w.videomae_frames.shape == (frames, size, size, 3) and w.videomae_frames.dtype == np.uint8
+        assert np.all(np.diff(w.videomae_times_ns) > 0)  # 16 distinct frames, in time order, over the window
+        assert w.videomae_times_ns[0] - w.t0_ns <= 0.15 * NS_PER_S  # spread over the whole window
+        assert w.t1_ns - w.videomae_times_ns[-1] <= 0.15 * NS_PER_S
+        assert abs(w.audio.size - 2.0 * 16000) <= 1 and w.audio.dtype == np.float32
+        assert w.audio_coverage == 1.0 and w.audio_present and w.audio_active
+        assert w.frame.shape == (240, 320, 3) and w.frame.dtype == np.uint8
+        middle = (w.frame_times_ns[0] + w.frame_times_ns[-1]) / 2
+        assert abs(w.frame_t_ns - middle) <= NS_PER_S / FPS / 2 + 1
+        assert np.all(w.face_boxes[:, 2] > 60)
+        presence = w.presence()
+        assert presence["face"]["present"] is True and presence["audio"]["present"] is True
+
+
+def test_face_detection_runs_once_per_frame(offline):
+    scheduler, windows = offline
+    cache = scheduler.builder.faces
+    distinct = len({int(t) for w in windows for t in w.frame_times_ns})
+    assert cache.misses == distinct and cache.hits >= sum(w.frame_times_ns.size for w in windows) - distinct
+
+
+def test_frame_rules_and_tiny_preset(short):
+    for rule in ("first", "last"):
+        _, windows = run_windows(short, WindowOptions.for_spec(TINY, frame_rule=rule, window_s=1.0, hop_s=1.0))
+        w = windows[1]
+        assert w.frame_t_ns == (w.frame_times_ns[0] if rule == "first" else w.frame_times_ns[-1])
+        assert w.face_crops.shape[1:] == (TINY.mae.image_size, TINY.mae.image_size, 3)
+        assert w.videomae_frames.shape[0] == 16  # 20 frames per window still give exactly 16
+
+
+def test_video_only_and_audio_only(short):
+    _, video = run_windows(short, WindowOptions.for_spec(TINY, window_s=1.0), audio=False)
+    assert video and all(w.audio is None and not w.audio_present and not w.audio_active for w in video)
+    assert video[0].presence()["audio"] == {"present": False, "active": False, "rms": 0.0, "coverage": 0.0}
+    _, audio = run_windows(short, WindowOptions.for_spec(TINY, window_s=1.0), video=False)
+    assert audio and all(w.frame is None and w.videomae_frames is None and not w.face_present for w in audio)
+    assert all(w.audio.size == 16000 for w in audio) and any(w.audio_present for w in audio)
+    assert audio[0].presence()["video"] == {"present": False}
+
+
+def test_absent_face_and_silence_are_stated(blank):
+    _, windows = run_windows(blank, WindowOptions.for_spec(TINY, window_s=1.0, hop_s=0.5))
+    assert windows
+    for w in windows:
+        assert not w.face_present and w.face_crops.shape[0] == 0 and w.videomae_frames is None
+        assert w.frame is not None                    # EVA still sees the scene
+        assert w.audio_active and not w.audio_present and w.audio_rms < 0.01
+        assert w.presence()["face"]["present"] is False and w.presence()["audio"]["present"] is False
+
+
+def test_live_scheduler_skips_to_the_newest_window(short):
+    src = VideoFileSource(short, realtime=True)
+    opts = WindowOptions.for_spec(TINY, window_s=0.5, hop_s=0.125)
+    with src:
+        scheduler = WindowScheduler(src, src, opts, FaceCache(FaceDetector(FAST_FACES)))
+        assert scheduler.drop_stale
+        first = scheduler.next_window(timeout_s=5.0)
+        time.sleep(0.6)                               # a slow consumer: about 4 hops behind
+        second = scheduler.next_window(timeout_s=5.0)
+    assert first.index == 0 and second.index >= 3 and scheduler.dropped == second.index - 1
+    assert second.t0_ns > first.t0_ns
+
+
+def test_uniform_indices():
+    many = uniform_indices(40, 16)
+    assert many.size == 16 and np.all(np.diff(many) > 0) and many[0] >= 0 and many[-1] <= 39
+    few = uniform_indices(10, 16)
+    assert few.size == 16 and np.all(np.diff(few) >= 0) and set(few.tolist()) == set(range(10))
+
+
+def test_crop_square_pads_outside_the_frame():
+    image = np.full((100, 100, 3), 200, np.uint8)
+    crop = crop_square(image, FaceBox(80, 80, 40, 40), size=32, margin=0.0)
+    assert crop.shape == (32, 32, 3) and crop[0, 0, 0] == 200 and crop[-1, -1, 0] == 0
+
+
+@pytest.mark.parametrize("opts", [WindowOptions(hop_s=3.0), WindowOptions(frame_rule="peak"),
+                                  WindowOptions(window_s=0), WindowOptions(min_face_fraction=2.0)])
+def test_bad_window_options(opts):
+    with pytest.raises(ConfigError):
+        opts.validate()
+
+
+def test_too_small_ring_is_reported_not_deadlocked(clip):
+    src = VideoFileSource(clip, realtime=False, options=FileOptions(ring_seconds=0.5))
+    with src:
+        scheduler = WindowScheduler(src, src, WindowOptions.for_spec(TINY))
+        with pytest.raises(ConfigError, match="ring_seconds"):
+            scheduler.next_window(timeout_s=10.0)
