@@ -167,7 +167,21 @@ TINY = ModelSpec(
     tokenizer="tiny",
 )
 
-PRESETS = {spec.name: spec for spec in (EMOTION_LLAMA, TINY)}
+# Between the two, for CPU benchmarks: every branch does real work (68 media rows, an 8-layer LLM).
+MID = ModelSpec(
+    name="mid",
+    eva=VitSpec(image_size=224, patch_size=14, dim=256, depth=6, heads=4, mlp_dim=1117),
+    mae=VitSpec(image_size=112, patch_size=16, dim=256, depth=4, heads=4, mlp_dim=1024),
+    videomae=VitSpec(image_size=112, patch_size=16, dim=256, depth=4, heads=4, mlp_dim=1024, frames=16, tubelet=2),
+    hubert=HubertSpec(hidden=256, layers=4, heads=4, ffn=1024, conv_dim=(128,) * 7, pos_conv_kernel=32,
+                      pos_conv_groups=8),
+    llama=LlamaSpec(hidden=512, layers=8, heads=8, kv_heads=8, ffn=1376, vocab=len(tiny_vocab()), context=2048),
+    lora=LoraSpec(r=8, alpha=2),
+    feature_dim=256,
+    tokenizer="tiny",
+)
+
+PRESETS = {spec.name: spec for spec in (EMOTION_LLAMA, MID, TINY)}
 
 
 def get_preset(name: str) -> ModelSpec:

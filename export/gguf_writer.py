@@ -112,6 +112,7 @@ def _add_metadata(writer, metadata: dict) -> None:
     types = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.INT64,
              float: gguf.GGUFValueType.FLOAT64, str: gguf.GGUFValueType.STRING}
     for key, value in metadata.items():
+        value = value.item() if isinstance(value, np.generic) else value
         vtype = types.get(type(value))
         if vtype is None:
             value, vtype = json.dumps(value, sort_keys=True, default=str), gguf.GGUFValueType.STRING
@@ -180,8 +181,9 @@ def _spec_from_reader(reader, n_vocab: int) -> LlamaSpec:
         raise CheckpointError(f"{reader.data.filename} is a '{_field(reader, 'general.architecture')}' GGUF, "
                               "not 'llama'")
     heads = int(_field(reader, "llama.attention.head_count"))
-    spec = LlamaSpec(hidden=int(_field(reader, "llama.embedding_length")), layers=int(_field(reader, "llama.block_count")),
-                     heads=heads, kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
+    spec = LlamaSpec(hidden=int(_field(reader, "llama.embedding_length")),
+                     layers=int(_field(reader, "llama.block_count")), heads=heads,
+                     kv_heads=int(_field(reader, "llama.attention.head_count_kv", heads)),
                      ffn=int(_field(reader, "llama.feed_forward_length")), vocab=n_vocab,
                      eps=_short(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
                      rope_theta=_short(_field(reader, "llama.rope.freq_base", 10000.0)),

@@ -6,7 +6,6 @@ are given a fallback type by llama.cpp itself, which is fine.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import tempfile
 from pathlib import Path

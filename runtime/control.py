@@ -8,9 +8,9 @@ Every request gets exactly one JSON reply (``control_reply`` in the schema):
     {"ok": false, "verb": "..." | null, "id": <echoed>, "error": {"code": "...", "message": "..."}}
 
 Error codes: ``bad_json`` (not UTF-8 JSON), ``bad_request`` (not an object, a field of the wrong type, more
-than one frame), ``unknown_verb``, ``unavailable`` (explain without a reasoning worker), ``internal`` (the
-explain callback raised; the message says what). A bad request never stops the loop; a socket failure does,
-and is kept in :attr:`ControlServer.error`.
+than one frame), ``unknown_verb``, ``unavailable`` (explain without a reasoning worker, or the worker cannot
+take the request now), ``internal`` (the explain callback failed unexpectedly; the message says how).
+A bad request never stops the loop; a socket failure does, and is kept in :attr:`ControlServer.error`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, EdgeEmollamaError, InputError
 from ..lazy import require
 from .clock import ClockAnchor, now_ns, run_anchor
 from .publish import SCHEMA_VERSION, TOPICS, check_loopback, dumps, load_schema, set_heartbeats
@@ -114,8 +114,8 @@ def _explain(request: dict, explain):
     try:
         result = explain(args)
         dumps(result)
-    except (InputError, ConfigError) as exc:
-        raise _RequestError("bad_request", str(exc))
+    except EdgeEmollamaError as exc:  # the worker cannot do it now (e.g. nothing scored yet); it says why
+        raise _RequestError("unavailable", str(exc))
     except Exception as exc:  # reported to the client as 'internal'; the loop keeps serving others
         raise _RequestError("internal", f"explain failed: {type(exc).__name__}: {exc}")
     return result

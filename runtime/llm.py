@@ -7,7 +7,6 @@ stay in the KV cache between calls; a call decodes only from the first token tha
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 
@@ -30,8 +29,6 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-
-
 class LlamaCppScorer:
     """One llama.cpp model and context (sequence 0), scoring labels and generating greedily."""
 
@@ -52,7 +49,8 @@ class LlamaCppScorer:
         self._model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self._model:
             raise ArtifactError(f"llama.cpp could not load {gguf_path} (not a GGUF, or an unsupported one)")
-        self._ctx = lc.llama_init_from_model(self._model, self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type))
+        cparams = self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type)
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {gguf_path} (n_ctx={n_ctx})")
         self._vocab = lc.llama_model_get_vocab(self._model)
@@ -173,7 +171,8 @@ class LlamaCppScorer:
             elif isinstance(part, list) and all(0 <= int(t) < self.n_vocab for t in part):
                 total += len(part)
             else:
-                raise InputError(f"a prompt part must be token ids < {self.n_vocab} or ('media', start, stop): {part!r:.80}")
+                raise InputError(f"a prompt part must be token ids < {self.n_vocab} or ('media', start, stop), "
+                                 f"not {part!r:.80}")
         if not parts or (isinstance(parts[-1], list) and not parts[-1]):
             raise InputError("the prompt must end with a non-empty part (its last position gives the logits)")
         if total + extra > self.n_ctx:

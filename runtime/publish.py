@@ -33,7 +33,8 @@ from .fusion import FusedEstimate, FusionEvent
 
 __all__ = [
     "TOPICS", "SCHEMA_VERSION", "SCHEMA_PATH", "PublisherOptions", "Publisher", "StatusTracker",
-    "estimate_payload", "load_schema", "schema_errors", "message_errors", "decode_message", "dumps", "set_heartbeats",
+    "estimate_payload", "load_schema", "schema_errors", "message_errors", "decode_message", "dumps",
+    "set_heartbeats",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,10 @@ def _validator(definition: str):
 
 def schema_errors(definition: str, instance) -> list[str]:
     """Why ``instance`` does not follow ``#/$defs/<definition>`` of the schema (empty when it does)."""
-    if definition not in load_schema()["$defs"]:
-        raise ConfigError(f"no definition '{definition}' in the wire schema: use one of {sorted(load_schema()['$defs'])}")
-    errors = sorted(_validator(definition).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    names = load_schema()["$defs"]
+    if definition not in names:
+        raise ConfigError(f"no definition '{definition}' in the wire schema: use one of {sorted(names)}")
+    errors = sorted(_validator(definition).iter_errors(instance), key=lambda e: [str(p) for p in e.absolute_path])
     return [f"{'/'.join(str(p) for p in e.absolute_path) or '(message)'}: {e.message}" for e in errors]
 
 

@@ -419,6 +419,8 @@ class CameraSource(Source):
         return True
 
     def _close(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            return  # the reader is stuck inside the driver: releasing now could crash it; it is a daemon thread
         if self._cap is not None:
             self._cap.release()
             self._cap = None

@@ -157,7 +157,7 @@ class WindowBuilder:
         started = time.perf_counter()
         frames = self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
         timings: dict[str, float] = {}
-        vision = self._vision(frames, timings)
+        vision = self._vision(frames, timings, (t0_ns + t1_ns) // 2)
         audio, coverage, rms = self._audio(t0_ns, t1_ns)
         timings["window_ms"] = (time.perf_counter() - started) * 1e3
         return Window(index=index, t0_ns=t0_ns, t1_ns=t1_ns, audio=audio, audio_coverage=coverage, audio_rms=rms,
@@ -166,7 +166,7 @@ class WindowBuilder:
                       and rms >= self.options.audio_rms_threshold,
                       timings_ms=timings, built_ns=now_ns(), **vision)
 
-    def _vision(self, frames: list[Frame], timings: dict) -> dict:
+    def _vision(self, frames: list[Frame], timings: dict, middle_ns: int) -> dict:
         opt = self.options
         size = opt.face_size
         started = time.perf_counter()
@@ -181,7 +181,7 @@ class WindowBuilder:
         timings["crops_ms"] = (time.perf_counter() - started) * 1e3
         times = np.array([f.t_ns for f in frames], np.int64)
         picks = uniform_indices(len(frames), opt.videomae_frames) if present else None
-        chosen = self._pick_frame(frames)
+        chosen = self._pick_frame(frames, middle_ns)
         return dict(
             frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
             frame_times_ns=times, face_detected=detected,
@@ -190,15 +190,14 @@ class WindowBuilder:
             videomae_frames=crops[picks] if present else None,
             videomae_times_ns=times[picks] if present else None)
 
-    def _pick_frame(self, frames: list[Frame]) -> Frame | None:
+    def _pick_frame(self, frames: list[Frame], middle_ns: int) -> Frame | None:
         if not frames:
             return None
         if self.options.frame_rule == "first":
             return frames[0]
         if self.options.frame_rule == "last":
             return frames[-1]
-        middle = (frames[0].t_ns + frames[-1].t_ns) / 2 if len(frames) > 1 else frames[0].t_ns
-        return min(frames, key=lambda f: abs(f.t_ns - middle))
+        return min(frames, key=lambda f: abs(f.t_ns - middle_ns))
 
     def _audio(self, t0_ns: int, t1_ns: int) -> tuple[np.ndarray | None, float, float]:
         if self.audio is None:
@@ -227,6 +226,10 @@ class WindowScheduler:
             raise InputError("no capture: the video source has no frames and the audio source no audio "
                              "(give a camera, a microphone or a file with at least one track)")
         self.builder = WindowBuilder(self._frames, self._audio, options, faces)
+        span_s = options.window_s + options.hop_s
+        if self._audio is not None and self._audio.capacity < span_s * options.sample_rate:
+            raise ConfigError(f"the audio buffer of {audio.name} holds {self._audio.capacity / options.sample_rate:.1f}"
+                              f" s, less than W + H = {span_s} s: raise its ring_seconds")
         live = all(s.realtime for s in self._sources)
         self.drop_stale = live if options.drop_stale is None else options.drop_stale
         self._cond = threading.Condition()
@@ -303,11 +306,11 @@ class WindowScheduler:
                                   f"window of {self.options.window_s} s: raise its ring_seconds above W + H")
 
     def _stuck(self, ring) -> bool:
-        if not isinstance(ring, FrameRing) or len(ring) < ring.capacity:
+        if self.start_ns is None or not isinstance(ring, FrameRing) or len(ring) < ring.capacity:
             return False
         t0 = self._t1(self.next_index) - self.options.window_ns
         first, last = ring.first_t_ns(), ring.last_t_ns()
-        return first is not None and first >= t0 and last < self._t1(self.next_index)
+        return first is not None and last is not None and first >= t0 and last < self._t1(self.next_index)
 
     # --- the loop -------------------------------------------------------------------------------------------
     def next_window(self, timeout_s: float | None = None) -> Window | None:
@@ -320,29 +323,37 @@ class WindowScheduler:
         if self._start_deadline is None:
             self._start_deadline = now_ns() + int(self.options.start_timeout_s * NS_PER_S)
         while True:
-            step = now_ns() + int(_POLL_S * NS_PER_S)
+            busy = self._faces_pending()  # frames to detect: check readiness without waiting, then detect one
+            step = now_ns() + (0 if busy else int(_POLL_S * NS_PER_S))
             span = self._next_span(step if deadline is None else min(step, deadline))
             if span is not None:
                 break
             if self.ended or (deadline is not None and now_ns() >= deadline):
                 return None
-            self._prefetch_faces()
+            if busy:
+                self._prefetch_faces()
         index, t0, t1 = span
         window = self.builder.build(index, t0, t1)  # outside the lock: capture threads never wait on it
         for _, ring in self._feeds:
             ring.discard_before(self._t1(index + 1) - self.options.window_ns)
         return window
 
-    def _prefetch_faces(self, budget_s: float = 0.02) -> None:
-        """Detect faces on captured frames not yet seen, for at most about ``budget_s``."""
+    def _undetected(self) -> list[Frame]:
         if self._frames is None or self.builder.faces is None:
-            return
+            return []
+        cache = self.builder.faces
+        return [f for f in self._frames.between(-2**62, 2**62) if not cache.has(f.t_ns)]
+
+    def _faces_pending(self) -> bool:
+        return bool(self._undetected())
+
+    def _prefetch_faces(self, budget_s: float = 0.01) -> None:
+        """Detect faces on captured frames not yet seen, oldest first, for about ``budget_s``."""
         stop = time.perf_counter() + budget_s
-        for frame in self._frames.between(-2**62, 2**62):
+        for frame in self._undetected():
+            self.builder.faces.get(frame.t_ns, frame.image)
             if time.perf_counter() >= stop:
                 return
-            if not self.builder.faces.has(frame.t_ns):
-                self.builder.faces.get(frame.t_ns, frame.image)
 
     def _next_span(self, deadline: int) -> tuple[int, int, int] | None:
         with self._cond:

@@ -30,3 +30,35 @@ def tiny_reference(tiny_tok):
     from edge_emollama.spec import TINY
 
     return build_random(TINY, tiny_tok, seed=11)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory):
+    """A tiny export (quick checks only), shared by the runtime tests."""
+    from edge_emollama.config import load_config
+    from edge_emollama.export.pipeline import export
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    cfg = load_config(overrides={"export.out": str(out), "export.formats": ["onnx", "onnx-fp16", "gguf"],
+                                 "export.quant": ["Q8_0"]})
+    return export(cfg)
+
+
+@pytest.fixture(scope="session")
+def sample_clip(tmp_path_factory):
+    from edge_emollama.runtime.sample_clip import write_sample_clip
+
+    return write_sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4", seconds=4.0)
+
+
+_PORT = [47000]
+
+
+@pytest.fixture
+def endpoints():
+    """Fresh loopback TCP endpoints for one test (publish, control)."""
+    import os
+
+    _PORT[0] += 2
+    base = _PORT[0] + (os.getpid() % 500) * 4
+    return f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}"

@@ -126,3 +126,18 @@ def test_unknown_microphone_lists_the_devices(virtual_mic):
         MicrophoneSource("no-such-microphone").start()
     message = str(info.value)
     assert "no-such-microphone" in message and "pulse" in message and "--no-mic" in message
+
+
+def test_no_input_device_is_a_clear_error(tmp_path):
+    """Without a sound server or card, PortAudio lists no input: the error says what to do."""
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PULSE_SERVER", "XDG_RUNTIME_DIR")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # no PulseAudio server there
+    code = ("from edge_emollama.runtime.sources import MicrophoneSource\n"
+            "try:\n    MicrophoneSource().start().stop()\n    print('OPENED')\n"
+            "except Exception as e:\n    print('ERROR', type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
+    if "OPENED" in out or "no microphone" not in out and "could not be opened" in out:
+        pytest.skip("this machine has a real audio input device")
+    assert "ERROR InputError no microphone" in out and "--no-mic" in out, out

