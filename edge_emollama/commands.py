@@ -35,6 +35,7 @@ def add_run_parser(sub) -> None:
 
 def run_options(args, cfg: Config):
     from .runtime.control import ControlOptions
+    from .runtime.device import resolve
     from .runtime.fusion import FusionOptions
     from .runtime.pipeline import RunOptions
     from .runtime.publish import PublisherOptions
@@ -49,7 +50,9 @@ def run_options(args, cfg: Config):
         artifacts=artifacts, camera=args.camera, microphone=args.mic, video=args.video, realtime=not args.fast,
         file=FileOptions(video=not args.no_video, audio=not args.no_audio),
         subtitle=args.subtitle if args.subtitle is not None else r.subtitle, providers=r.providers,
-        threads=r.threads, quant=r.quant, precision=r.precision, n_gpu_layers=r.n_gpu_layers,
+        threads=r.threads, quant=resolve("quant", r.quant, _exported_quants(artifacts)),
+        precision=resolve("precision", r.precision),
+        n_gpu_layers=resolve("n_gpu_layers", "auto" if r.n_gpu_layers is None else r.n_gpu_layers),
         window=WindowOptions.for_spec(spec, window_s=r.window_s, hop_s=r.hop_s, frame_rule=cfg.model.frame_rule),
         fusion=FusionOptions(method=r.smoothing, time_constant_s=r.time_constant_s,
                              switch_margin=r.hysteresis_margin, switch_windows=r.hysteresis_windows),
@@ -57,6 +60,12 @@ def run_options(args, cfg: Config):
         control=ControlOptions(endpoint=args.control or r.control), reasoning=r.reasoning,
         reason_tokens=r.reason_tokens, max_windows=args.max_windows,
         on_estimate=None if args.quiet else print_estimate)
+
+
+def _exported_quants(folder: str) -> set:
+    from .runtime.artifacts import load_artifacts
+
+    return {e["quant"] for e in load_artifacts(folder, verify=False).entries(format="gguf")}
 
 
 def _manifest_preset(folder: str) -> str:

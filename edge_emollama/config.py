@@ -77,9 +77,9 @@ class RuntimeConfig:
     providers: list = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                      "CPUExecutionProvider"])
     threads: int = 0            # 0: all cores
-    precision: str = "fp32"     # ONNX encoders: fp32 | fp16
-    quant: str = "F16"          # GGUF the LLM stage loads: F16 | Q8_0 | Q4_K_M (as exported)
-    n_gpu_layers: int = -1      # llama.cpp layers on the GPU when built with CUDA (-1: all)
+    precision: str = "auto"     # ONNX encoders: fp32 | fp16 | auto (per device class, runtime/device.py)
+    quant: str = "auto"         # GGUF the LLM stage loads: F16 | Q8_0 | Q4_K_M (as exported) | auto
+    n_gpu_layers: int | None = None  # llama.cpp layers on the GPU (-1: all; null: per device class)
     subtitle: str = ""          # the transcript line fed to the prompt (no ASR in the loop yet)
     smoothing: str = "ema"
     time_constant_s: float = 1.5
@@ -103,6 +103,11 @@ class Config:
         checks += [(f"model.features.{k}", getattr(self.model.features, k), FEATURE_MODES)
                    for k in ("mae", "videomae", "hubert")]
         for where, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{where} = '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
+        for where, value, allowed in (("runtime.precision", self.runtime.precision, ("auto", "fp32", "fp16")),
+                                      ("runtime.quant", self.runtime.quant,
+                                       ("auto", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"))):
             if value not in allowed:
                 raise ConfigError(f"{where} = '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
         if self.runtime.hop_s <= 0 or self.runtime.window_s < self.runtime.hop_s:

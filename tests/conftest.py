@@ -51,14 +51,15 @@ def sample_clip(tmp_path_factory):
     return write_sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4", seconds=4.0)
 
 
-_PORT = [47000]
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def endpoints():
-    """Fresh loopback TCP endpoints for one test (publish, control)."""
-    import os
-
-    _PORT[0] += 2
-    base = _PORT[0] + (os.getpid() % 500) * 4
-    return f"tcp://127.0.0.1:{base}", f"tcp://127.0.0.1:{base + 1}"
+    """Fresh loopback TCP endpoints for one test (publish, control), ports chosen by the OS."""
+    return f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"

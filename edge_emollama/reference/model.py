@@ -51,9 +51,10 @@ class EmotionLlamaReference(nn.Module):
     @torch.no_grad()
     def zero_rows(self) -> np.ndarray:
         """[3, hidden]: the MAE / VideoMAE / HuBERT rows when their 1024-d feature is zeros (the demo's rule)."""
-        zeros = torch.zeros(1, self.spec.feature_dim)
+        weight = self.feats_llama_proj1.weight
+        zeros = torch.zeros(1, self.spec.feature_dim, device=weight.device, dtype=weight.dtype)
         projs = (self.feats_llama_proj1, self.feats_llama_proj2, self.feats_llama_proj3)
-        return torch.cat([p(zeros) for p in projs]).numpy()
+        return torch.cat([p(zeros) for p in projs]).float().cpu().numpy()
 
     @torch.no_grad()
     def media_block(self, inputs: dict, zeros: tuple = ()) -> np.ndarray:
@@ -63,14 +64,18 @@ class EmotionLlamaReference(nn.Module):
         ``videomae`` (clip) and ``hubert`` (pcm).
         """
         units = self.branches()
-        patch_rows, cls_row = units["eva"](torch.from_numpy(inputs["eva"]))
+        patch_rows, cls_row = units["eva"](self._tensor(inputs["eva"]))
         zero = self.zero_rows()
         rows = [patch_rows]
         for i, name in enumerate(FEATURE_BRANCHES):
-            rows.append(torch.from_numpy(zero[i:i + 1]) if name in zeros
-                        else units[name](torch.from_numpy(inputs[name])))
+            rows.append(self._tensor(zero[i:i + 1]) if name in zeros else units[name](self._tensor(inputs[name])))
         rows.append(cls_row)
-        return torch.cat(rows).numpy()
+        return torch.cat(rows).float().cpu().numpy()
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A numpy input on this model's device and dtype (CPU float32 for tests, CUDA fp16 for timing)."""
+        weight = self.llama_proj.weight
+        return torch.from_numpy(np.ascontiguousarray(array)).to(weight.device, weight.dtype)
 
     # -- the LLM ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -84,7 +89,8 @@ class EmotionLlamaReference(nn.Module):
             score = first[pieces[0]]
             if len(pieces) > 1:
                 cache = copy.deepcopy(out["cache"] if "cache" in out else out["past_key_values"])
-                more = self.llama_model(input_ids=torch.tensor([pieces[:-1]]), **_cache_kwarg(self.llama_model, cache))
+                ids = torch.tensor([pieces[:-1]], device=first.device)
+                more = self.llama_model(input_ids=ids, **_cache_kwarg(self.llama_model, cache))
                 steps = torch.log_softmax(more.logits[0].double(), dim=-1)
                 score = score + sum(steps[i, pieces[i + 1]] for i in range(len(pieces) - 1))
             scores.append(float(score))
@@ -95,9 +101,10 @@ class EmotionLlamaReference(nn.Module):
 
     def _embed(self, parts: list, media_rows: np.ndarray) -> torch.Tensor:
         embed = self.llama_model.get_input_embeddings()
-        media = torch.from_numpy(np.ascontiguousarray(media_rows, dtype=np.float32))
-        chunks = [embed(torch.tensor(p)) if isinstance(p, list) else media[p[1]:p[2]] for p in parts]
-        return torch.cat(chunks).to(embed.weight.dtype)
+        device, dtype = embed.weight.device, embed.weight.dtype
+        media = torch.from_numpy(np.ascontiguousarray(media_rows, dtype=np.float32)).to(device, dtype)
+        chunks = [embed(torch.tensor(p, device=device)) if isinstance(p, list) else media[p[1]:p[2]] for p in parts]
+        return torch.cat(chunks)
 
 
 def _cache_kwarg(llama, cache) -> dict:
