@@ -48,7 +48,7 @@ def _commands() -> dict:
 
     return {"export": (_export_parser, _cmd_export), "run": (c.add_run_parser, c.cmd_run),
             "listen": (c.add_listen_parser, c.cmd_listen), "explain": (c.add_explain_parser, c.cmd_explain),
-            "demo": (c.add_demo_parser, c.cmd_demo)}
+            "demo": (c.add_demo_parser, c.cmd_demo), "bench": (c.add_bench_parser, c.cmd_bench)}
 
 
 def main(argv: list | None = None) -> int:

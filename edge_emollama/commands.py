@@ -214,3 +214,41 @@ def argparse_namespace(**values):
     defaults = dict(camera=None, mic=None, video=None, fast=False, no_audio=False, no_video=False, artifacts=None,
                     publish=None, control=None, subtitle=None, max_windows=None, quiet=False)
     return argparse.Namespace(**{**defaults, **values})
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="per-stage latency, throughput, clip run; --reference side by side")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--preset", help="tiny | mid | emotion-llama: export into artifacts/bench-PRESET if missing")
+    where.add_argument("--artifacts", help="an exported folder")
+    p.add_argument("--random-weights", action="store_true", help="emotion-llama shapes with random weights")
+    p.add_argument("--reference", action="store_true", help="also time the PyTorch reference on the same inputs")
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="cost against window length (table + SVG plot)")
+    p.add_argument("--no-clip", action="store_true", help="skip the whole-runtime clip runs")
+    p.add_argument("--json", help="where to write the figures (default bench-results/bench-PRESET.json)")
+
+
+def cmd_bench(args, cfg: Config) -> int:
+    from .runtime.artifacts import MANIFEST
+    from .runtime.bench import BenchOptions, format_report, run_bench, write_report
+    from .runtime.device import resolve
+
+    folder = args.artifacts or f"artifacts/bench-{args.preset or cfg.model.preset}"
+    if not args.artifacts and not (Path(folder) / MANIFEST).is_file():
+        from .export.pipeline import export
+
+        cfg.model.preset, cfg.export.out = args.preset or cfg.model.preset, folder
+        export(cfg, validate=False, random_weights=args.random_weights)
+    r = cfg.runtime
+    options = BenchOptions(artifacts=folder, windows=args.windows, reference=args.reference, threads=r.threads,
+                           precision=resolve("precision", r.precision),
+                           quant=resolve("quant", r.quant, _exported_quants(folder)),
+                           n_gpu_layers=resolve("n_gpu_layers", "auto" if r.n_gpu_layers is None else r.n_gpu_layers),
+                           clip=not args.no_clip, sweep=args.sweep)
+    report = run_bench(options)
+    print(format_report(report))
+    out = Path(args.json or f"bench-results/bench-{report['preset']}.json")
+    write_report(report, out)
+    print(f"figures written to {out}")
+    return 0

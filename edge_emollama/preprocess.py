@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from PIL import Image
 
@@ -31,24 +33,36 @@ def eva_pixels(frame: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return _normalize(frame, spec.eva.image_size, Image.BICUBIC, spec.clip_mean, spec.clip_std)[None]
 
 
-def face_batch(crops: list, spec: ModelSpec) -> np.ndarray:
+def _face_stack(crops, size: int, spec: ModelSpec) -> np.ndarray:
+    """[N, 3, size, size]: crops already at ``size`` (the runtime cuts them so) are normalised in one
+    table lookup (uint8 -> normalised float32 per channel); others are resized first (bilinear)."""
+    crops = [_rgb(np.asarray(c), "a face crop") for c in crops]
+    if not all(c.shape[:2] == (size, size) for c in crops):
+        crops = [np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR)) for c in crops]
+    table = _face_table(spec.face_mean, spec.face_std)
+    return table[np.stack(crops), np.arange(3)].transpose(0, 3, 1, 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _face_table(mean: tuple, std: tuple) -> np.ndarray:
+    """[256, 3] float32: (v / 255 - mean[c]) / std[c], computed in float32 as the arithmetic form would be."""
+    values = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
+    return ((values - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
+
+
+def face_batch(crops, spec: ModelSpec) -> np.ndarray:
     """[T, 3, 224, 224] float32 from T RGB face crops (T >= 1)."""
     if len(crops) == 0:
         raise InputError("face_batch needs at least one face crop; with no face use the zero features")
-    size = spec.mae.image_size
-    return np.stack([_normalize(_rgb(c, "a face crop"), size, Image.BILINEAR, spec.face_mean, spec.face_std)
-                     for c in crops])
+    return np.ascontiguousarray(_face_stack(crops, spec.mae.image_size, spec))
 
 
-def video_clip(crops: list, spec: ModelSpec) -> np.ndarray:
+def video_clip(crops, spec: ModelSpec) -> np.ndarray:
     """[1, 3, F, 224, 224] float32 from exactly F (16) RGB face crops."""
     frames = spec.videomae.frames
     if len(crops) != frames:
         raise InputError(f"VideoMAE needs exactly {frames} face frames per window, got {len(crops)}")
-    size = spec.videomae.image_size
-    stack = np.stack([_normalize(_rgb(c, "a face crop"), size, Image.BILINEAR, spec.face_mean, spec.face_std)
-                      for c in crops])
-    return stack.transpose(1, 0, 2, 3)[None]
+    return np.ascontiguousarray(_face_stack(crops, spec.videomae.image_size, spec).transpose(1, 0, 2, 3)[None])
 
 
 def audio_pcm(samples: np.ndarray, spec: ModelSpec) -> np.ndarray:

@@ -51,6 +51,7 @@ class RunOptions:
     stages: tuple = STAGES
     links: dict = field(default_factory=lambda: {"windows": "inproc://windows", "rows": "inproc://rows",
                                                  "scores": "inproc://scores"})
+    lossless: bool | None = None       # None: lossless for a file read as fast as possible, else newest wins
     max_windows: int | None = None
     on_estimate: object = None          # callable(payload) for printing
 
@@ -67,7 +68,8 @@ class Pipeline:
         self.sources, self.threads, self._closers = [], [], []
         self.publisher = self.control = self.reasoner = None
         self.published = 0
-        self._lossless = options.video is not None and not options.realtime
+        self._lossless = (options.lossless if options.lossless is not None
+                          else options.video is not None and not options.realtime)
 
     # -- assembly -------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":

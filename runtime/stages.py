@@ -42,28 +42,31 @@ class EncoderStage:
 
     def inputs(self, item: dict) -> dict:
         """Preprocessed encoder inputs of the branches that run for this window (None: zero row)."""
-        spec, frame = self.spec, item.get("frame")
+        return {name: (None if prepare is None else prepare()) for name, prepare in self._preparers(item).items()}
+
+    def _preparers(self, item: dict) -> dict:
+        """branch -> a function that preprocesses its input, or None when the branch gives its zero row."""
+        spec, frame, audio = self.spec, item.get("frame"), item.get("audio")
         size = spec.eva.image_size
-        pixels = (preprocess.eva_pixels(frame, spec) if frame is not None
-                  else np.zeros((1, 3, size, size), np.float32))
         face = bool(item.get("face_present"))
-        audio = item.get("audio")
-        inputs = {"eva": {"pixels": pixels},
-                  "mae": {"faces": preprocess.face_batch(list(item["face_crops"]), spec)} if face else None,
-                  "videomae": {"clip": preprocess.video_clip(list(item["videomae_frames"]), spec)} if face else None,
-                  "hubert": ({"pcm": preprocess.audio_pcm(audio, spec)}
-                             if audio is not None and item.get("audio_present") else None)}
-        return {k: (None if k in self.zeros else v) for k, v in inputs.items()}
+        preparers = {
+            "eva": (lambda: {"pixels": preprocess.eva_pixels(frame, spec)}) if frame is not None
+            else (lambda: {"pixels": np.zeros((1, 3, size, size), np.float32)}),
+            "mae": (lambda: {"faces": preprocess.face_batch(item["face_crops"], spec)}) if face else None,
+            "videomae": (lambda: {"clip": preprocess.video_clip(item["videomae_frames"], spec)}) if face else None,
+            "hubert": (lambda: {"pcm": preprocess.audio_pcm(audio, spec)})
+            if audio is not None and item.get("audio_present") else None}
+        return {k: (None if k in self.zeros else v) for k, v in preparers.items()}
 
     def __call__(self, item: dict) -> dict:
+        """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool."""
         start = time.perf_counter()
-        inputs = self.inputs(item)
-        timings = {"preprocess": _ms(start)}
-        jobs = {name: (self._pool.submit(self._timed, name, feed) if self._pool else self._timed(name, feed))
-                for name, feed in inputs.items() if feed is not None}
+        jobs = {name: (self._pool.submit(self._timed, name, prepare) if self._pool else self._timed(name, prepare))
+                for name, prepare in self._preparers(item).items() if prepare is not None}
         outputs = {name: (job.result() if self._pool else job) for name, job in jobs.items()}
-        for name, (_, ms) in outputs.items():
-            timings[f"encoder_{name}"] = ms
+        timings = {}
+        for name, (_, prep_ms, run_ms) in outputs.items():
+            timings[f"preprocess_{name}"], timings[f"encoder_{name}"] = prep_ms, run_ms
         patch_rows, cls_row = outputs["eva"][0]
         rows = [patch_rows]
         for i, name in enumerate(FEATURE_BRANCHES):
@@ -82,9 +85,11 @@ class EncoderStage:
               "videomae_frames": crops, "audio": np.zeros(spec.hubert.sample_rate, np.float32),
               "audio_present": True})
 
-    def _timed(self, name: str, feed: dict) -> tuple:
+    def _timed(self, name: str, prepare) -> tuple:
         start = time.perf_counter()
-        return self.encoders.run(name, feed), _ms(start)
+        feed = prepare()
+        prepared = time.perf_counter()
+        return self.encoders.run(name, feed), (prepared - start) * 1e3, _ms(prepared)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -9,16 +9,17 @@ import torch
 
 
 @torch.no_grad()
-def time_reference(reference, inputs: list, subtitle: str, decode_tokens: int = 4) -> list:
-    """Per window: {"encoders_ms", "llm_ms", "window_ms"} for each preprocessed input dict."""
+def time_reference(reference, windows: list, subtitle: str, decode_tokens: int = 4) -> list:
+    """Per window: {"encoders_ms", "llm_ms", "window_ms"}; ``windows`` are raw window items (the same dicts
+    the runtime's encoder stage takes), preprocessed inside the timed span as the runtime's are."""
     from ..prompt import prompt_parts
 
     parts = prompt_parts(reference.tokenizer, reference.spec, subtitle)
     device = next(reference.parameters()).device
     rows = []
-    for named in inputs:
+    for window in windows:
         start = time.perf_counter()
-        media = reference.media_block(named)
+        media = reference.media_block(preprocessed(window, reference.spec))
         _sync(device)
         encoded = time.perf_counter()
         embeds = reference._embed(parts, media)[None].to(device)
@@ -30,6 +31,14 @@ def time_reference(reference, inputs: list, subtitle: str, decode_tokens: int = 
         rows.append({"encoders_ms": (encoded - start) * 1e3, "llm_ms": (done - encoded) * 1e3,
                      "window_ms": (done - start) * 1e3})
     return rows
+
+
+def preprocessed(item: dict, spec) -> dict:
+    from .. import preprocess
+
+    return {"eva": preprocess.eva_pixels(item["frame"], spec), "mae": preprocess.face_batch(list(item["face_crops"]), spec),
+            "videomae": preprocess.video_clip(list(item["videomae_frames"]), spec),
+            "hubert": preprocess.audio_pcm(item["audio"], spec)}
 
 
 def _sync(device) -> None:

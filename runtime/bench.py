@@ -1,0 +1,305 @@
+"""``edge-emollama bench``: per-stage latency, pipelined throughput and the full clip run, side by side with
+the PyTorch reference on the same inputs in the same process (``--reference``).
+
+What is measured (all on synthetic windows of the preset's shapes, drawn from a fixed seed):
+- stage latency: preprocessing, each encoder, the encoders together, the LLM stage; one window at a time;
+- window latency: encoders + LLM of one window (what a single window costs, p50/p95);
+- pipelined throughput: N windows pushed through the encode -> llm -> publish stages as fast as they go
+  (the encoders of window n+1 overlap the LLM of window n): estimates per second;
+- clip run: the whole runtime on the generated sample clip (decode, faces, windows, stages, publish),
+  as fast as possible (estimates/s) and in real time (capture-to-publish latency p50/p95);
+- reference: eager PyTorch encoders + projectors and the label by greedy decoding (4 tokens, as the
+  original's ``generate``), sequential, so its estimates per second are 1 / window latency.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..spec import ModelSpec
+from .artifacts import load_artifacts
+from .clock import now_ns
+from .link import LinkOptions, Producer
+from .stages import EncoderStage, LlmStage
+
+
+@dataclass
+class BenchOptions:
+    artifacts: str
+    windows: int = 20
+    reference: bool = False
+    threads: int = 0
+    quants: tuple = ()            # GGUFs to time besides the runtime's choice
+    precision: str = "fp32"
+    quant: str = "F16"
+    n_gpu_layers: int = 0
+    clip: bool = True
+    sweep: bool = False
+    subtitle: str = "i really think so"
+
+
+def synthetic_item(spec: ModelSpec, rng: np.random.Generator, index: int, window_s: float = 2.0,
+                   fps: float = 20.0) -> dict:
+    """A window as the scheduler would send it: a 640x480 frame, a face crop per frame, 16 VideoMAE crops, audio."""
+    frames = max(1, int(round(window_s * fps)))
+    size = spec.mae.image_size
+    crops = rng.integers(0, 255, (frames, size, size, 3), dtype=np.uint8)
+    pick = np.linspace(0, frames - 1, spec.videomae.frames).round().astype(int)
+    t1 = now_ns()
+    return {"index": index, "t0_ns": t1 - int(window_s * 1e9), "t1_ns": t1, "sent_ns": t1, "dropped_before": 0,
+            "frame": rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), "face_present": True,
+            "face_crops": crops, "videomae_frames": crops[pick],
+            "audio": (0.1 * rng.standard_normal(int(window_s * spec.hubert.sample_rate))).astype(np.float32),
+            "audio_present": True, "timings_ms": {},
+            "presence": {"video": {"present": True}, "face": {"present": True, "fraction": 1.0},
+                         "audio": {"present": True, "active": True, "rms": 0.1, "coverage": 1.0}}}
+
+
+def stats(values: list) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"p50": float(np.percentile(array, 50)), "p95": float(np.percentile(array, 95)),
+            "mean": float(array.mean()), "n": int(array.size)}
+
+
+def stage_latency(encoders: EncoderStage, llm: LlmStage, items: list, subtitle: str) -> dict:
+    per_stage: dict = {}
+    for item in items:
+        out = encoders(item)
+        result = llm(out["rows"], subtitle)
+        timings = {**out["encoder_timings"], "llm": result["llm_ms"]}
+        timings["window"] = timings["encoders"] + timings["llm"]
+        for key, value in timings.items():
+            per_stage.setdefault(key, []).append(value)
+    return {k: stats(v) for k, v in per_stage.items()}
+
+
+def pipelined_throughput(options: BenchOptions, items: list) -> dict:
+    """N windows through encode -> llm -> publish threads linked by ZeroMQ, losing none."""
+    from .control import ControlOptions
+    from .pipeline import Pipeline, RunOptions
+    from .publish import PublisherOptions
+
+    tag = f"bench-{id(items)}"
+    links = {"windows": f"inproc://{tag}-w", "rows": f"inproc://{tag}-r", "scores": f"inproc://{tag}-s"}
+    run = RunOptions(artifacts=options.artifacts, stages=("encode", "llm", "publish"), links=links,
+                     threads=options.threads, precision=options.precision, quant=options.quant,
+                     n_gpu_layers=options.n_gpu_layers, reasoning=False, lossless=True,
+                     publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
+                     control=ControlOptions(endpoint="tcp://127.0.0.1:*"))
+    pipeline = Pipeline(run)
+    producer = Producer(LinkOptions(links["windows"], sndhwm=2))
+    pipeline.start()
+    start = time.perf_counter()
+    for i, item in enumerate(items):
+        item = {**item, "index": i, "t0_ns": item["t0_ns"] + i, "t1_ns": item["t1_ns"] + i, "sent_ns": now_ns()}
+        while not producer.send(item, block_s=0.5):
+            pipeline.raise_errors()
+    producer.send({"end": True}, block_s=5.0)
+    pipeline.wait(timeout_s=600)
+    seconds = time.perf_counter() - start
+    producer.close()
+    pipeline.close()
+    pipeline.raise_errors()
+    return {"windows": len(items), "published": pipeline.published, "seconds": seconds,
+            "estimates_per_s": pipeline.published / seconds}
+
+
+def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
+    """The whole runtime on the generated sample clip: as fast as possible, then in real time."""
+    from .control import ControlOptions
+    from .pipeline import Pipeline, RunOptions
+    from .publish import PublisherOptions
+    from .sample_clip import write_sample_clip
+
+    clip = write_sample_clip(Path(tempfile.mkdtemp(prefix="edge-emollama-bench-")) / "clip.mp4", seconds=seconds)
+    result = {"clip_s": seconds}
+    for mode, realtime in (("fast", False), ("realtime", True)):
+        latencies = []
+        run = RunOptions(artifacts=options.artifacts, video=str(clip), realtime=realtime, threads=options.threads,
+                         precision=options.precision, quant=options.quant, n_gpu_layers=options.n_gpu_layers,
+                         reasoning=False, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
+                         control=ControlOptions(endpoint="tcp://127.0.0.1:*"),
+                         on_estimate=lambda fused, item: latencies.append((now_ns() - item["t1_ns"]) / 1e6))
+        pipeline = Pipeline(run).start()
+        start = time.perf_counter()
+        pipeline.wait(timeout_s=600)
+        elapsed = time.perf_counter() - start
+        pipeline.close()
+        pipeline.raise_errors()
+        expected = int((seconds - run.window.window_s) / run.window.hop_s) + 1
+        result[mode] = {"published": pipeline.published, "windows_in_clip": expected, "seconds": elapsed,
+                        "estimates_per_s": pipeline.published / elapsed,
+                        "capture_to_publish_ms": stats(latencies) if latencies and realtime else None}
+    return result
+
+
+def reference_timings(options: BenchOptions, spec: ModelSpec, items: list) -> dict:
+    from ..reference.synthetic import build_random
+    from ..reference.timing import time_reference
+    from ..vocab import LlamaTokenizer
+
+    artifacts = load_artifacts(options.artifacts, verify=False)
+    tokenizer = LlamaTokenizer(artifacts.root / "vocab.gguf")
+    seed = int(artifacts.manifest["source"]["weights"].split("seed ")[1].rstrip(")"))
+    reference = build_random(spec, tokenizer, seed=seed)
+    time_reference(reference, items[:1], options.subtitle)   # warm-up
+    rows = time_reference(reference, items, options.subtitle)
+    summary = {k: stats([r[k] for r in rows]) for k in rows[0]}
+    summary["estimates_per_s"] = 1000.0 / summary["window_ms"]["mean"]
+    return summary
+
+
+def quant_latency(options: BenchOptions, encoders: EncoderStage, items: list) -> dict:
+    """The LLM stage per exported GGUF on the same media rows (backs the per-device default)."""
+    artifacts = load_artifacts(options.artifacts, verify=False)
+    rows = [encoders(item)["rows"] for item in items[:max(3, len(items) // 2)]]
+    result = {}
+    for entry in artifacts.entries(format="gguf"):
+        llm = LlmStage(artifacts, entry["quant"], options.threads or None, options.n_gpu_layers)
+        llm.warmup()
+        result[entry["quant"]] = stats([llm(r, options.subtitle)["llm_ms"] for r in rows])
+        llm.close()
+    return result
+
+
+def scaling(options: BenchOptions, spec: ModelSpec, encoders: EncoderStage, llm: LlmStage) -> list:
+    """Window latency against window length (face frames at 20 fps, audio seconds)."""
+    rng = np.random.default_rng(1)
+    table = []
+    for window_s in (1.0, 2.0, 3.0, 4.0):
+        items = [synthetic_item(spec, rng, i, window_s=window_s) for i in range(max(3, options.windows // 4))]
+        lat = stage_latency(encoders, llm, items, options.subtitle)
+        table.append({"window_s": window_s, "face_frames": int(window_s * 20), "audio_s": window_s,
+                      "encoders_ms": lat["encoders"]["p50"], "encoder_mae_ms": lat["encoder_mae"]["p50"],
+                      "encoder_hubert_ms": lat["encoder_hubert"]["p50"], "llm_ms": lat["llm"]["p50"],
+                      "window_ms": lat["window"]["p50"],
+                      "pipelined_estimates_per_s": 1000.0 / max(lat["encoders"]["p50"], lat["llm"]["p50"]),
+                      "min_hop_s": max(lat["encoders"]["p50"], lat["llm"]["p50"]) / 1000.0})
+    return table
+
+
+def run_bench(options: BenchOptions) -> dict:
+    from ..export.manifest import tool_versions
+    from ..spec import get_preset
+    from .device import device_class
+
+    artifacts = load_artifacts(options.artifacts)
+    spec = get_preset(artifacts.preset)
+    rng = np.random.default_rng(0)
+    items = [synthetic_item(spec, rng, i) for i in range(options.windows)]
+    encoders = EncoderStage(artifacts, options.precision, None, options.threads)
+    llm = LlmStage(artifacts, options.quant, options.threads or None, options.n_gpu_layers)
+    encoders.warmup()
+    llm.warmup()
+    report = {"preset": spec.name, "artifacts": str(options.artifacts), "device_class": device_class(),
+              "machine": _machine(), "tools": tool_versions(), "windows": options.windows,
+              "runtime": {"precision": options.precision, "quant": options.quant, "threads": options.threads},
+              "stage_latency_ms": stage_latency(encoders, llm, items, options.subtitle)}
+    report["llm_by_quant_ms"] = quant_latency(options, encoders, items)
+    if options.sweep:
+        report["scaling"] = scaling(options, spec, encoders, llm)
+    encoders.close()
+    llm.close()
+    report["pipelined"] = pipelined_throughput(options, items)
+    if options.clip:
+        report["clip"] = clip_run(options)
+    if options.reference:
+        report["reference"] = reference_timings(options, spec, items)
+        report["ratios"] = _ratios(report)
+    report["peak_ram_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_gpu_mb"] = _gpu_memory_mb()
+    return report
+
+
+def _ratios(report: dict) -> dict:
+    ref, lat = report["reference"], report["stage_latency_ms"]
+    return {"window_latency_x": ref["window_ms"]["p50"] / lat["window"]["p50"],
+            "encoders_latency_x": ref["encoders_ms"]["p50"] / lat["encoders"]["p50"],
+            "llm_latency_x": ref["llm_ms"]["p50"] / lat["llm"]["p50"],
+            "throughput_x": report["pipelined"]["estimates_per_s"] / ref["estimates_per_s"]}
+
+
+def _machine() -> dict:
+    import os
+    import platform
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "system": platform.system()}
+
+
+def _gpu_memory_mb() -> float | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=10)
+    return float(out.stdout.split()[0]) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def format_report(report: dict) -> str:
+    lines = [f"edge-emollama bench: preset {report['preset']}, device class {report['device_class']}, "
+             f"{report['machine']['cores']} cores, {report['windows']} windows",
+             f"{'stage':24} {'p50 ms':>10} {'p95 ms':>10}"]
+    for name, s in report["stage_latency_ms"].items():
+        lines.append(f"{name:24} {s['p50']:10.2f} {s['p95']:10.2f}")
+    for quant, s in report["llm_by_quant_ms"].items():
+        lines.append(f"{'llm ' + quant:24} {s['p50']:10.2f} {s['p95']:10.2f}")
+    p = report["pipelined"]
+    lines.append(f"pipelined (encode|llm|publish threads): {p['estimates_per_s']:.2f} estimates/s "
+                 f"({p['published']} windows in {p['seconds']:.2f} s)")
+    for mode in ("fast", "realtime"):
+        c = report.get("clip", {}).get(mode)
+        if c:
+            lat = c["capture_to_publish_ms"]
+            lat_text = f", capture-to-publish p50 {lat['p50']:.0f} ms p95 {lat['p95']:.0f} ms" if lat else ""
+            lines.append(f"clip {mode:8}: {c['published']}/{c['windows_in_clip']} windows, "
+                         f"{c['estimates_per_s']:.2f} estimates/s{lat_text}")
+    if "reference" in report:
+        r, x = report["reference"], report["ratios"]
+        lines.append(f"reference (PyTorch eager, greedy label): window p50 {r['window_ms']['p50']:.2f} ms, "
+                     f"{r['estimates_per_s']:.2f} estimates/s")
+        lines.append(f"ratios: window latency {x['window_latency_x']:.2f}x, encoders {x['encoders_latency_x']:.2f}x, "
+                     f"llm {x['llm_latency_x']:.2f}x, sustained throughput {x['throughput_x']:.2f}x")
+    for row in report.get("scaling", []):
+        lines.append(f"scaling W={row['window_s']:.0f}s: frames {row['face_frames']}, window {row['window_ms']:.1f} ms, "
+                     f"pipelined {row['pipelined_estimates_per_s']:.1f}/s, min hop {row['min_hop_s']:.3f} s")
+    lines.append(f"peak RAM {report['peak_ram_mb']:.0f} MB, GPU memory "
+                 f"{'n/a (no GPU)' if report['peak_gpu_mb'] is None else str(report['peak_gpu_mb']) + ' MB'}")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    if report.get("scaling"):
+        path.with_suffix(".svg").write_text(scaling_svg(report["scaling"], report["preset"]))
+
+
+def scaling_svg(rows: list, preset: str) -> str:
+    """A small line chart: window latency and pipelined estimates/s against window length."""
+    width, height, pad = 480, 300, 50
+    xs = [r["window_s"] for r in rows]
+    series = (("window_ms", "window latency (ms)", "#c0392b"), ("pipelined_estimates_per_s", "estimates/s", "#2471a3"))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{pad}" y="20">edge-emollama {preset}: cost against window length (s)</text>']
+    for key, label, colour in series:
+        ys = [r[key] for r in rows]
+        top = max(ys) * 1.1 or 1
+        points = " ".join(f"{pad + (x - xs[0]) / (xs[-1] - xs[0] or 1) * (width - 2 * pad):.1f},"
+                          f"{height - pad - y / top * (height - 2 * pad):.1f}" for x, y in zip(xs, ys))
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
+        parts.append(f'<text x="{width - pad - 150}" y="{40 + 14 * series.index((key, label, colour))}" '
+                     f'fill="{colour}">{label} (max {max(ys):.1f})</text>')
+    for x in xs:
+        px = pad + (x - xs[0]) / (xs[-1] - xs[0] or 1) * (width - 2 * pad)
+        parts.append(f'<text x="{px:.0f}" y="{height - pad + 16}" text-anchor="middle">{x:g}</text>')
+    parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>')
+    return "\n".join(parts + ["</svg>"])
