@@ -29,7 +29,7 @@ def _metadata(ctx: ExportContext, **extra) -> dict:
 def run_onnx(ctx: ExportContext) -> None:
     folder = ctx.staging / "onnx"
     folder.mkdir(exist_ok=True)
-    for branch, module in ctx.reference.branches().items():
+    for branch, module in ctx.reference.export_units().items():
         with StepTimer(ctx, f"onnx {branch}"):
             io = BRANCH_IO[branch]
             files = export_branch(module, branch, ctx.spec, folder / f"{branch}.onnx", ctx.cfg.export.opset,

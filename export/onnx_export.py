@@ -29,7 +29,7 @@ class BranchIO:
 
 BRANCH_IO = {
     "eva": BranchIO(("pixels",), ("patch_rows", "cls_row"), {}),
-    "mae": BranchIO(("faces",), ("mae_row",), {"faces": {0: "frames"}}),
+    "mae": BranchIO(("faces",), ("mae_frame_rows",), {"faces": {0: "frames"}, "mae_frame_rows": {0: "frames"}}),
     "videomae": BranchIO(("clip",), ("videomae_row",), {}),
     "hubert": BranchIO(("pcm",), ("hubert_row",), {"pcm": {1: "samples"}}),
 }

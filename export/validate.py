@@ -34,7 +34,7 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
     torch = require("torch")
     ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    module = reference.branches()[branch]
+    module = reference.export_units()[branch]
     worst, shapes = 0.0, []
     for _ in range(trials):
         inputs = example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))

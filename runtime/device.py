@@ -4,7 +4,7 @@
 |---|---|---|---|---|
 | ``cuda`` (desktop/server GPU) | F16 | fp16 | all | F16 prefilled ~2x faster than Q4_K_M on a large GPU (18 vs 38 ms for 330 positions, spec section 6) |
 | ``jetson`` (Orin, unified memory) | Q4_K_M | fp16 | all | memory and decode bandwidth bound: 4-bit weights cut both |
-| ``cpu`` | Q8_0 | fp32 | 0 | measured here: see BENCHMARKS.md (Q8_0 vs F16 LLM stage); fp16 ONNX has few fast CPU kernels |
+| ``cpu`` | F16 | fp32 | 0 | measured on a 2-core x86 CPU, mid preset: LLM stage F16 86 ms, Q4_K_M 88 ms, Q8_0 108 ms (BENCHMARKS.md); fp16 ONNX has few fast CPU kernels |
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 DEFAULTS = {
     "cuda": {"quant": "F16", "precision": "fp16", "n_gpu_layers": -1},
     "jetson": {"quant": "Q4_K_M", "precision": "fp16", "n_gpu_layers": -1},
-    "cpu": {"quant": "Q8_0", "precision": "fp32", "n_gpu_layers": 0},
+    "cpu": {"quant": "F16", "precision": "fp32", "n_gpu_layers": 0},
 }
 
 

@@ -150,11 +150,13 @@ class Pipeline:
 
     # -- stage loops ----------------------------------------------------------------------------------------
     def _send(self, outbox: Producer, item: dict) -> bool:
-        """Live: never wait (the newest window wins). Offline or end marker: wait for room until stopped."""
-        if not (self._lossless or item.get("end")):
+        """Live: never wait (the newest window wins downstream). Offline: wait for room until stopped.
+        The end marker waits up to 5 s even when stopping, so downstream stages learn that input ended."""
+        if item.get("end"):
+            return outbox.send(item, block_s=5.0)
+        if not self._lossless:
             return outbox.send(item)
-        deadline = time.monotonic() + (5.0 if item.get("end") else float("inf"))
-        while not (self.stop_event.is_set() and not item.get("end")) and time.monotonic() < deadline:
+        while not self.stop_event.is_set():
             if outbox.send(item, block_s=0.2):
                 return True
         return False

@@ -12,6 +12,7 @@ any video, EVA sees an all-zero (mean-colour) image.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,6 +23,9 @@ from ..spec import FEATURE_BRANCHES, ModelSpec, get_preset
 from .artifacts import Artifacts
 from .encoders import OnnxEncoders
 from .fusion import softmax
+
+
+FRAME_CACHE = 1024   # MAE rows of recent frames (a 2 s window at 30 fps holds 60)
 
 
 def _ms(start: float) -> float:
@@ -39,10 +43,8 @@ class EncoderStage:
         self.encoders = OnnxEncoders(artifacts, precision, providers, threads, branches)
         self.zero_rows = np.load(artifacts.root / artifacts.manifest["features"]["zero_rows"])
         self._pool = ThreadPoolExecutor(len(branches), thread_name_prefix="encoder") if parallel else None
-
-    def inputs(self, item: dict) -> dict:
-        """Preprocessed encoder inputs of the branches that run for this window (None: zero row)."""
-        return {name: (None if prepare is None else prepare()) for name, prepare in self._preparers(item).items()}
+        self._frame_rows: OrderedDict = OrderedDict()   # (capture ns, face box) -> MAE row of that frame
+        self.frames_reused = 0
 
     def _preparers(self, item: dict) -> dict:
         """branch -> a function that preprocesses its input, or None when the branch gives its zero row."""
@@ -52,17 +54,21 @@ class EncoderStage:
         preparers = {
             "eva": (lambda: {"pixels": preprocess.eva_pixels(frame, spec)}) if frame is not None
             else (lambda: {"pixels": np.zeros((1, 3, size, size), np.float32)}),
-            "mae": (lambda: {"faces": preprocess.face_batch(item["face_crops"], spec)}) if face else None,
+            "mae": (lambda: item) if face else None,   # preprocessed per new frame in _mae_rows
             "videomae": (lambda: {"clip": preprocess.video_clip(item["videomae_frames"], spec)}) if face else None,
             "hubert": (lambda: {"pcm": preprocess.audio_pcm(audio, spec)})
             if audio is not None and item.get("audio_present") else None}
         return {k: (None if k in self.zeros else v) for k, v in preparers.items()}
 
     def __call__(self, item: dict) -> dict:
-        """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool."""
+        """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool (ONNX Runtime and
+        the numpy/Pillow preprocessing release the GIL)."""
         start = time.perf_counter()
-        jobs = {name: (self._pool.submit(self._timed, name, prepare) if self._pool else self._timed(name, prepare))
-                for name, prepare in self._preparers(item).items() if prepare is not None}
+        jobs = {}
+        for name, prepare in self._preparers(item).items():
+            if prepare is not None:
+                work = self._mae_rows if name == "mae" else self._timed
+                jobs[name] = self._pool.submit(work, name, prepare) if self._pool else work(name, prepare)
         outputs = {name: (job.result() if self._pool else job) for name, job in jobs.items()}
         timings = {}
         for name, (_, prep_ms, run_ms) in outputs.items():
@@ -91,9 +97,42 @@ class EncoderStage:
         prepared = time.perf_counter()
         return self.encoders.run(name, feed), (prepared - start) * 1e3, _ms(prepared)
 
+    def _mae_rows(self, _name: str, prepare) -> tuple:
+        """The MAE row of a window: the mean of its frames' rows, each frame computed once (cached by capture
+        time and face box) however many overlapping windows cover it."""
+        start = time.perf_counter()
+        item = prepare()
+        crops = np.asarray(item["face_crops"])
+        keys = _frame_keys(item, len(crops))
+        new = [i for i, key in enumerate(keys) if key is None or key not in self._frame_rows]
+        prepared = run_ms = 0.0
+        fresh = {}
+        if new:
+            feed = {"faces": preprocess.face_batch(crops[new], self.spec)}
+            prepared = time.perf_counter()
+            fresh = dict(zip(new, self.encoders.run("mae", feed)[0]))
+            run_ms = _ms(prepared)
+            prepared = (prepared - start) * 1e3
+        rows = np.stack([fresh[i] if i in fresh else self._frame_rows[key] for i, key in enumerate(keys)])
+        for i, row in fresh.items():
+            if keys[i] is not None:
+                self._frame_rows[keys[i]] = row
+        while len(self._frame_rows) > FRAME_CACHE:
+            self._frame_rows.popitem(last=False)
+        self.frames_reused += len(keys) - len(new)
+        return [rows.mean(axis=0, keepdims=True)], prepared, run_ms
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _frame_keys(item: dict, count: int) -> list:
+    """(capture time, face box) per crop; None where the window does not say (nothing is cached then)."""
+    times, boxes = item.get("frame_times_ns"), item.get("face_boxes")
+    if times is None or boxes is None or len(times) != count:
+        return [None] * count
+    return [(int(t), tuple(int(v) for v in box)) for t, box in zip(times, boxes)]
 
 
 class LlmStage:

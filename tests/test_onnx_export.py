@@ -12,7 +12,7 @@ from edge_emollama.spec import TINY
 def exported(tmp_path_factory, tiny_reference):
     folder = tmp_path_factory.mktemp("onnx")
     files = {}
-    for branch, module in tiny_reference.branches().items():
+    for branch, module in tiny_reference.export_units().items():
         (fp32,) = export_branch(module, branch, TINY, folder / f"{branch}.onnx", 17, {"preset": "tiny"})
         (fp16,) = convert_fp16(fp32, folder / f"{branch}.fp16.onnx", {"preset": "tiny"})
         files[branch] = {"fp32": fp32, "fp16": fp16}

@@ -39,6 +39,21 @@ class FaceBranch(nn.Module):
         return self.proj(self.face_vit(faces).mean(dim=0, keepdim=True))
 
 
+class FaceFrameBranch(nn.Module):
+    """faces [T, 3, 224, 224] -> [T, hidden]: each frame's MAE embedding through feats_llama_proj1.
+
+    What is exported for MAE: the projector is affine, so the mean of these rows over a window's frames
+    equals FaceBranch's row, and the runtime computes each frame's row once for all the windows that
+    cover it (W / H = 4 at the defaults)."""
+
+    def __init__(self, face_vit, proj):
+        super().__init__()
+        self.face_vit, self.proj = face_vit, proj
+
+    def forward(self, faces: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.face_vit(faces))
+
+
 class VideoBranch(nn.Module):
     """clip [1, 3, 16, 224, 224] -> [1, hidden]: VideoMAE tokens, mean, feats_llama_proj2."""
 

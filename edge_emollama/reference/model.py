@@ -13,7 +13,7 @@ from torch import nn
 from ..prompt import label_pieces, prompt_parts
 from ..spec import FEATURE_BRANCHES, ModelSpec
 from .audio import build_hubert
-from .branches import AudioBranch, EvaBranch, FaceBranch, VideoBranch
+from .branches import AudioBranch, EvaBranch, FaceBranch, FaceFrameBranch, VideoBranch
 from .llm import build_llama
 from .vit import EvaViT, FaceViT, VideoViT
 
@@ -47,6 +47,10 @@ class EmotionLlamaReference(nn.Module):
             "videomae": VideoBranch(self.video_encoder, self.feats_llama_proj2),
             "hubert": AudioBranch(self.audio_encoder, self.feats_llama_proj3),
         }
+
+    def export_units(self) -> dict:
+        """The modules exported to ONNX: as ``branches()`` but MAE per frame (rows averaged by the runtime)."""
+        return {**self.branches(), "mae": FaceFrameBranch(self.face_encoder, self.feats_llama_proj1)}
 
     @torch.no_grad()
     def zero_rows(self) -> np.ndarray:
