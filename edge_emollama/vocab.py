@@ -125,6 +125,20 @@ def add_vocab_metadata(writer, vocab: Vocab) -> None:
     writer.add_add_eos_token(False)
 
 
+def add_llama_hparams(writer, spec, n_vocab: int) -> None:
+    """The ``llama.*`` hyper-parameters of ``spec`` (a LlamaSpec) into an open gguf.GGUFWriter."""
+    writer.add_context_length(spec.context)
+    writer.add_embedding_length(spec.hidden)
+    writer.add_block_count(spec.layers)
+    writer.add_feed_forward_length(spec.ffn)
+    writer.add_head_count(spec.heads)
+    writer.add_head_count_kv(spec.kv_heads)
+    writer.add_layer_norm_rms_eps(spec.eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_rope_dimension_count(spec.hidden // spec.heads)
+    writer.add_vocab_size(n_vocab)
+
+
 def write_vocab_gguf(vocab: Vocab, path: str | os.PathLike) -> Path:
     """A vocab-only GGUF that ``llama_cpp.Llama(path, vocab_only=True)`` loads (written atomically)."""
     gguf = require("gguf")
@@ -132,11 +146,10 @@ def write_vocab_gguf(vocab: Vocab, path: str | os.PathLike) -> Path:
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name("edge-emollama vocabulary")
-    for key, value in (("context_length", 4096), ("embedding_length", 64), ("block_count", 1),
-                       ("feed_forward_length", 128), ("head_count", 4), ("head_count_kv", 4)):
-        getattr(writer, f"add_{key}")(value)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(len(vocab))
+    from .spec import LlamaSpec   # placeholder hyper-parameters: llama.cpp reads them even for vocab_only
+
+    add_llama_hparams(writer, LlamaSpec(hidden=64, layers=1, heads=4, kv_heads=4, ffn=128, vocab=len(vocab)),
+                      len(vocab))
     add_vocab_metadata(writer, vocab)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -31,31 +31,28 @@ def run_onnx(ctx: ExportContext) -> None:
     folder.mkdir(exist_ok=True)
     for branch, module in ctx.reference.export_units().items():
         with StepTimer(ctx, f"onnx {branch}"):
-            io = BRANCH_IO[branch]
             files = export_branch(module, branch, ctx.spec, folder / f"{branch}.onnx", ctx.cfg.export.opset,
                                   _metadata(ctx, precision="fp32"))
-            ctx.add(files[0], format="onnx", branch=branch, precision="fp32", inputs=list(io.inputs),
-                    outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
-            for extra in files[1:]:
-                ctx.add(extra, format="onnx-data", branch=branch, precision="fp32")
-            ctx.checks[f"onnx {branch} fp32"] = check = encoder_parity(
-                ctx.reference, ctx.spec, branch, "fp32", files[0], np.random.default_rng(), trials=1)
-            raise_on_failure([check], f"ONNX {branch} fp32")
+            _record_onnx(ctx, branch, "fp32", files)
 
 
 def run_onnx_fp16(ctx: ExportContext) -> None:
     for branch in BRANCHES:
         with StepTimer(ctx, f"onnx-fp16 {branch}"):
             (src,) = ctx.files(format="onnx", branch=branch, precision="fp32")
-            files = convert_fp16(src, src.with_name(f"{branch}.fp16.onnx"), _metadata(ctx))
-            io = BRANCH_IO[branch]
-            ctx.add(files[0], format="onnx", branch=branch, precision="fp16", inputs=list(io.inputs),
-                    outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
-            for extra in files[1:]:
-                ctx.add(extra, format="onnx-data", branch=branch, precision="fp16")
-            ctx.checks[f"onnx {branch} fp16"] = check = encoder_parity(
-                ctx.reference, ctx.spec, branch, "fp16", files[0], np.random.default_rng(), trials=1)
-            raise_on_failure([check], f"ONNX {branch} fp16")
+            _record_onnx(ctx, branch, "fp16", convert_fp16(src, src.with_name(f"{branch}.fp16.onnx"), _metadata(ctx)))
+
+
+def _record_onnx(ctx: ExportContext, branch: str, precision: str, files: list) -> None:
+    """Manifest entries for one ONNX file (and its external data), then its quick parity check."""
+    io = BRANCH_IO[branch]
+    ctx.add(files[0], format="onnx", branch=branch, precision=precision, inputs=list(io.inputs),
+            outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
+    for extra in files[1:]:
+        ctx.add(extra, format="onnx-data", branch=branch, precision=precision)
+    ctx.checks[f"onnx {branch} {precision}"] = check = encoder_parity(
+        ctx.reference, ctx.spec, branch, precision, files[0], np.random.default_rng(), trials=1)
+    raise_on_failure([check], f"ONNX {branch} {precision}")
 
 
 def run_tensorrt(ctx: ExportContext) -> None:

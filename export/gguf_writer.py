@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..lazy import require
 from ..spec import LlamaSpec
-from ..vocab import Vocab, add_vocab_metadata
+from ..vocab import Vocab, add_llama_hparams, add_vocab_metadata
 
 __all__ = ["write_llama_gguf", "read_llama_gguf", "tensor_names", "FTYPES"]
 
@@ -93,16 +93,7 @@ def _check_state(state_dict: dict, spec: LlamaSpec, n_vocab: int) -> None:
 
 def _add_hparams(writer, spec: LlamaSpec, n_vocab: int, ftype: str) -> None:
     gguf = require("gguf")
-    writer.add_context_length(spec.context)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_block_count(spec.layers)
-    writer.add_feed_forward_length(spec.ffn)
-    writer.add_head_count(spec.heads)
-    writer.add_head_count_kv(spec.kv_heads)
-    writer.add_layer_norm_rms_eps(spec.eps)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(spec.hidden // spec.heads)
-    writer.add_vocab_size(n_vocab)
+    add_llama_hparams(writer, spec, n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if ftype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
 
 

@@ -19,10 +19,10 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ConfigError, EdgeEmollamaError, InputError
+from ..errors import EdgeEmollamaError, InputError
 from ..lazy import require
 from .clock import ClockAnchor, now_ns, run_anchor
-from .publish import SCHEMA_VERSION, TOPICS, check_loopback, dumps, load_schema, set_heartbeats
+from .publish import SCHEMA_VERSION, TOPICS, bind_socket, dumps, load_schema
 
 __all__ = ["ControlOptions", "ControlServer", "handle_request", "request"]
 
@@ -152,22 +152,11 @@ class ControlServer:
         self._handlers["explain"] = explain
 
     def start(self) -> "ControlServer":
-        zmq = self._zmq
-        check_loopback(self.options.endpoint)
-        sock = self._context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.options.max_request_bytes)
-        set_heartbeats(sock, self.options.heartbeat_ivl_ms, self.options.heartbeat_timeout_ms,
-                       self.options.heartbeat_ttl_ms)
-        try:
-            sock.bind(self.options.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise ConfigError(f"cannot bind the control socket to {self.options.endpoint}: {exc} "
-                              "(choose another endpoint with --control)") from exc
-        self._socket = sock
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        zmq, o = self._zmq, self.options
+        self._socket, self.endpoint = bind_socket(
+            self._context, zmq.ROUTER, o.endpoint, {zmq.SNDHWM: o.sndhwm, zmq.MAXMSGSIZE: o.max_request_bytes},
+            (o.heartbeat_ivl_ms, o.heartbeat_timeout_ms, o.heartbeat_ttl_ms),
+            "the control socket", "choose another endpoint with --control")
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self._thread.start()
         return self

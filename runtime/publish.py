@@ -119,6 +119,25 @@ def set_heartbeats(socket, ivl_ms: int, timeout_ms: int, ttl_ms: int) -> None:
     socket.setsockopt(zmq.HEARTBEAT_TTL, int(ttl_ms))
 
 
+def bind_socket(context, kind: int, endpoint: str, options: dict, heartbeats: tuple, what: str, hint: str):
+    """A bound socket with LINGER 0, ``options`` and ZMTP heartbeats; (socket, actual endpoint).
+
+    ConfigError naming ``what`` and ``hint`` when the endpoint cannot be bound."""
+    zmq = require("zmq")
+    check_loopback(endpoint)
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    for option, value in options.items():
+        sock.setsockopt(option, value)
+    set_heartbeats(sock, *heartbeats)
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise ConfigError(f"cannot bind {what} to {endpoint}: {exc} ({hint})") from exc
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 def estimate_payload(fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
                      smoothing: str = "ema") -> dict:
     """The estimate payload of one window (``latency_ms`` is added when sent)."""
@@ -304,21 +323,11 @@ class Publisher:
         self.endpoint: str | None = None
 
     def start(self) -> "Publisher":
-        zmq = self._zmq
-        check_loopback(self.options.endpoint)
-        sock = self._context.socket(zmq.PUB)
-        sock.setsockopt(zmq.SNDHWM, self.options.sndhwm)
-        sock.setsockopt(zmq.LINGER, 0)
-        set_heartbeats(sock, self.options.heartbeat_ivl_ms, self.options.heartbeat_timeout_ms,
-                       self.options.heartbeat_ttl_ms)
-        try:
-            sock.bind(self.options.endpoint)
-        except zmq.ZMQError as exc:
-            sock.close(0)
-            raise ConfigError(f"cannot bind the publisher to {self.options.endpoint}: {exc} (another edge-emollama "
-                              "running? choose another endpoint with --publish)") from exc
-        self._socket = sock
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        o = self.options
+        self._socket, self.endpoint = bind_socket(
+            self._context, self._zmq.PUB, o.endpoint, {self._zmq.SNDHWM: o.sndhwm},
+            (o.heartbeat_ivl_ms, o.heartbeat_timeout_ms, o.heartbeat_ttl_ms),
+            "the publisher", "another edge-emollama running? choose another endpoint with --publish")
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
         return self

@@ -4,7 +4,6 @@ import threading
 import time
 
 import numpy as np
-import pytest
 
 from edge_emollama.runtime.control import ControlOptions, request
 from edge_emollama.runtime.link import Consumer, LinkOptions, Producer

@@ -80,18 +80,18 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-class EvaViT(nn.Module):
-    """EVA ViT-g: [B, 3, H, W] normalized pixels -> [B, 1 + patches, dim] (CLS first, no final norm)."""
+class _ClsViT(nn.Module):
+    """Patch embedding, a CLS token, learned positions and the blocks (the parameter names of both files)."""
 
-    def __init__(self, spec: VitSpec):
+    def __init__(self, spec: VitSpec, bias: str):
         super().__init__()
         self.spec = spec
         self.patch_embed = PatchEmbed(spec)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_patches + 1, spec.dim))
-        self.blocks = nn.ModuleList(Block(spec, "qv") for _ in range(spec.depth))
+        self.blocks = nn.ModuleList(Block(spec, bias) for _ in range(spec.depth))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         for block in self.blocks:
@@ -99,24 +99,25 @@ class EvaViT(nn.Module):
         return x
 
 
-class FaceViT(nn.Module):
+class EvaViT(_ClsViT):
+    """EVA ViT-g: [B, 3, H, W] normalized pixels -> [B, 1 + patches, dim] (CLS first, no final norm)."""
+
+    def __init__(self, spec: VitSpec):
+        super().__init__(spec, "qv")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)
+
+
+class FaceViT(_ClsViT):
     """MAE ViT-L: [T, 3, 224, 224] face crops -> [T, dim] CLS embeddings after ``norm``."""
 
     def __init__(self, spec: VitSpec):
-        super().__init__()
-        self.spec = spec
-        self.patch_embed = PatchEmbed(spec)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, spec.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, spec.num_patches + 1, spec.dim))
-        self.blocks = nn.ModuleList(Block(spec, "qkv") for _ in range(spec.depth))
+        super().__init__(spec, "qkv")
         self.norm = nn.LayerNorm(spec.dim, eps=spec.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)[:, 0]
+        return self.norm(self.tokens(x))[:, 0]
 
 
 class VideoViT(nn.Module):
