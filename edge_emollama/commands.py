@@ -30,6 +30,11 @@ def add_run_parser(sub) -> None:
     p.add_argument("--control", help="control endpoint (default: runtime.control)")
     p.add_argument("--subtitle", help="transcript line fed to the prompt")
     p.add_argument("--max-windows", type=int, help="stop after this many windows")
+    p.add_argument("--stages", help="run only these stages here, e.g. capture,encode (default: all: "
+                                    "capture,encode,llm,publish)")
+    p.add_argument("--link", action="append", default=[], metavar="NAME=ENDPOINT",
+                   help="stage link endpoint (windows, rows, scores), e.g. rows=tcp://0.0.0.0:6001; the producing "
+                        "side binds, the consuming side connects (repeatable)")
     p.add_argument("--quiet", action="store_true", help="do not print estimates")
 
 
@@ -58,8 +63,24 @@ def run_options(args, cfg: Config):
                              switch_margin=r.hysteresis_margin, switch_windows=r.hysteresis_windows),
         publisher=PublisherOptions(endpoint=args.publish or r.publish, sndhwm=r.sndhwm),
         control=ControlOptions(endpoint=args.control or r.control), reasoning=r.reasoning,
-        reason_tokens=r.reason_tokens, max_windows=args.max_windows,
+        reason_tokens=r.reason_tokens, max_windows=args.max_windows, **_stage_options(args),
         on_estimate=None if args.quiet else print_estimate)
+
+
+def _stage_options(args) -> dict:
+    from .runtime.pipeline import RunOptions
+
+    options = {}
+    if getattr(args, "stages", None):
+        options["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    links = dict(RunOptions().links)
+    for spec in getattr(args, "link", []) or []:
+        name, _, endpoint = spec.partition("=")
+        if name not in links or not endpoint:
+            raise InputError(f"--link {spec}: use NAME=ENDPOINT with NAME one of {', '.join(links)}")
+        links[name] = endpoint
+    options["links"] = links
+    return options
 
 
 def _exported_quants(folder: str) -> set:
@@ -115,7 +136,8 @@ def run_pipeline(options, announce: str = "") -> int:
 
 
 def cmd_run(args, cfg: Config) -> int:
-    if not (args.camera or args.mic or args.video):
+    capture = not args.stages or "capture" in args.stages
+    if capture and not (args.camera or args.mic or args.video):
         raise InputError("no source: give --camera 0, --mic or --video FILE (or try 'edge-emollama demo')")
     options = run_options(args, cfg)
     if _manifest_preset(options.artifacts) == "tiny":
@@ -212,7 +234,7 @@ def argparse_namespace(**values):
     import argparse
 
     defaults = dict(camera=None, mic=None, video=None, fast=False, no_audio=False, no_video=False, artifacts=None,
-                    publish=None, control=None, subtitle=None, max_windows=None, quiet=False)
+                    publish=None, control=None, subtitle=None, max_windows=None, quiet=False, stages=None, link=[])
     return argparse.Namespace(**{**defaults, **values})
 
 
