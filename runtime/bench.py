@@ -292,7 +292,8 @@ def format_report(report: dict) -> str:
                      f"llm {x['llm_latency_x']:.2f}x, sustained throughput {x['throughput_x']:.2f}x")
     for row in report.get("scaling", []):
         lines.append(f"scaling W={row['window_s']:.0f}s: frames {row['face_frames']}, window {row['window_ms']:.1f} ms, "
-                     f"pipelined {row['pipelined_estimates_per_s']:.1f}/s, min hop {row['min_hop_s']:.3f} s")
+                     f"bound {row['pipelined_estimates_per_s']:.1f}/s with stages on separate units, "
+                     f"min hop {row['min_hop_s']:.3f} s")
     lines.append(f"peak RAM {report['peak_ram_mb']:.0f} MB, GPU memory "
                  f"{'n/a (no GPU)' if report['peak_gpu_mb'] is None else str(report['peak_gpu_mb']) + ' MB'}")
     return "\n".join(lines)
