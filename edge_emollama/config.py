@@ -65,6 +65,7 @@ class ExportConfig:
     quant: list = field(default_factory=lambda: ["Q8_0", "Q4_K_M"])
     opset: int = 17
     seed: int = 0               # weights of the random presets
+    device: str = "auto"        # where the PyTorch reference runs for tracing and checks: auto | cpu | cuda
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
@@ -99,7 +100,8 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "Config":
-        checks = [("model.layout", self.model.layout, LAYOUTS), ("model.frame_rule", self.model.frame_rule, FRAME_RULES)]
+        checks = [("model.layout", self.model.layout, LAYOUTS), ("model.frame_rule", self.model.frame_rule, FRAME_RULES),
+                  ("export.device", self.export.device, ("auto", "cpu", "cuda"))]
         checks += [(f"model.features.{k}", getattr(self.model.features, k), FEATURE_MODES)
                    for k in ("mae", "videomae", "hubert")]
         for where, value, allowed in checks:

@@ -77,7 +77,7 @@ def run_gguf(ctx: ExportContext) -> None:
     folder.mkdir(exist_ok=True)
     f16 = folder / "llm.F16.gguf"
     with StepTimer(ctx, "gguf F16"):
-        state = {k: v.detach().float().numpy() if ctx.spec.llama.hidden < 1024 else v.detach().numpy()
+        state = {k: v.detach().cpu().float().numpy() if ctx.spec.llama.hidden < 1024 else v.detach().cpu().numpy()
                  for k, v in ctx.reference.llama_model.state_dict().items()}
         write_llama_gguf(f16, state, ctx.spec.llama, ctx.vocab, _metadata(ctx, lora_merged=True), ftype="f16")
         del state

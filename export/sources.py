@@ -11,7 +11,23 @@ from ..vocab import LlamaTokenizer, tiny_vocab, vocab_from_sentencepiece, write_
 
 
 def load_model(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
-    """(reference, tokenizer, vocab, provenance) for the configured preset."""
+    """(reference, tokenizer, vocab, provenance) for the configured preset, on ``export.device``."""
+    reference, tokenizer, vocab, provenance = _load(cfg, spec, staging, random_weights)
+    return on_device(reference, cfg.export.device), tokenizer, vocab, provenance
+
+
+def on_device(reference, device: str):
+    """``auto``: CUDA when torch sees a GPU (the 7B reference checks take minutes per window on a CPU)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("export.device is cuda but torch sees no GPU: install a CUDA build of torch or use cpu")
+    return reference.to(device)
+
+
+def _load(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
     from ..reference.loading import load_reference
     from ..reference.synthetic import build_random
 

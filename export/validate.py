@@ -39,10 +39,11 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
     for _ in range(trials):
         inputs = example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
         got = session.run(None, inputs)
+        device = next(module.parameters()).device
         with torch.no_grad():
-            want = module(*(torch.from_numpy(inputs[n]) for n in BRANCH_IO[branch].inputs))
+            want = module(*(torch.from_numpy(inputs[n]).to(device) for n in BRANCH_IO[branch].inputs))
         want = want if isinstance(want, tuple) else (want,)
-        worst = max([worst] + [relative_error(g, w.numpy()) for g, w in zip(got, want)])
+        worst = max([worst] + [relative_error(g, w.float().cpu().numpy()) for g, w in zip(got, want)])
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
     limit = ENCODER_LIMITS[precision]
     return {"artifact": str(path.name), "branch": branch, "precision": precision, "trials": trials,
