@@ -4,6 +4,7 @@ runtime can never tokenize differently).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import tempfile
@@ -170,36 +171,84 @@ def quiet_llama_cpp(verbose: bool = False) -> None:
 
 
 class LlamaTokenizer:
-    """llama.cpp's tokenizer loaded from a GGUF (vocab only): the runtime's and the reference's tokenizer."""
+    """llama.cpp's tokenizer: the runtime's and the reference's, so the two never tokenize differently.
 
-    def __init__(self, gguf_path: str | os.PathLike):
-        llama_cpp = require("llama_cpp")
-        if not Path(gguf_path).is_file():
-            raise CheckpointError(f"vocabulary file {gguf_path} not found")
-        self.path = Path(gguf_path)
-        self._llama = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
-        quiet_llama_cpp()   # after the constructor, which resets the level
+    ``LlamaTokenizer(path)`` loads only the vocabulary of a GGUF (no weights, no context);
+    ``LlamaTokenizer.of_model(model)`` uses the vocabulary of a model already loaded by llama.cpp."""
+
+    def __init__(self, gguf_path: str | os.PathLike | None = None, *, _model=None):
+        self._lc = require("llama_cpp")
+        quiet_llama_cpp()
+        self._owned = None
+        if _model is None:
+            if not Path(gguf_path).is_file():
+                raise CheckpointError(f"vocabulary file {gguf_path} not found")
+            params = self._lc.llama_model_default_params()
+            params.vocab_only = True
+            _model = self._owned = self._lc.llama_model_load_from_file(str(gguf_path).encode(), params)
+            if not _model:
+                raise CheckpointError(f"llama.cpp could not read the vocabulary of {gguf_path}: not a LLaMA GGUF")
+        self.path = None if gguf_path is None else Path(gguf_path)
+        self._vocab = self._lc.llama_model_get_vocab(_model)
+
+    @classmethod
+    def of_model(cls, model) -> "LlamaTokenizer":
+        return cls(_model=model)
 
     def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list:
-        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        """Token ids of ``text`` (``special``: parse ``<s>`` etc. as control tokens)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (self._lc.llama_token * size)()
+            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
+            if n >= 0:
+                return list(buf[:n])
+            size = -n
 
     def piece(self, token_id: int) -> str:
-        return self.decode([token_id])
+        """The text of one token (control tokens rendered, invalid UTF-8 replaced)."""
+        return self._text(lambda buf, size: self._lc.llama_token_to_piece(self._vocab, int(token_id), buf, size,
+                                                                           0, True))
 
-    def decode(self, ids: list) -> str:
-        return self._llama.detokenize(list(ids), special=True).decode("utf-8", errors="replace")
+    def decode(self, ids: list, keep_special: bool = True) -> str:
+        """Text of ``ids``; ``keep_special=False`` drops BOS/EOS and SentencePiece's leading space."""
+        arr = (self._lc.llama_token * max(1, len(ids)))(*[int(t) for t in ids])
+        return self._text(lambda buf, size: self._lc.llama_detokenize(self._vocab, arr, len(ids), buf, size,
+                                                                       not keep_special, keep_special))
+
+    @staticmethod
+    def _text(fill) -> str:
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = fill(buf, size)
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n
 
     @property
     def n_vocab(self) -> int:
-        return self._llama.n_vocab()
+        return int(self._lc.llama_vocab_n_tokens(self._vocab))
 
     @property
     def bos_id(self) -> int:
-        return self._llama.token_bos()
+        return int(self._lc.llama_vocab_bos(self._vocab))
 
     @property
     def eos_id(self) -> int:
-        return self._llama.token_eos()
+        return int(self._lc.llama_vocab_eos(self._vocab))
+
+    def close(self) -> None:
+        if self._owned is not None:
+            self._lc.llama_model_free(self._owned)
+            self._owned = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 _TINY_TOKENIZER = None

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import ArtifactError, ConfigError, InputError
 from ..lazy import require
-from ..vocab import quiet_llama_cpp
+from ..vocab import LlamaTokenizer, quiet_llama_cpp
 
 __all__ = ["LlamaCppScorer", "log_softmax"]
 
@@ -54,6 +54,7 @@ class LlamaCppScorer:
         if not self._ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {gguf_path} (n_ctx={n_ctx})")
         self._vocab = lc.llama_model_get_vocab(self._model)
+        self.tokenizer = LlamaTokenizer.of_model(self._model)
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_embd = int(lc.llama_model_n_embd_inp(self._model))
         self.n_vocab = int(lc.llama_vocab_n_tokens(self._vocab))
@@ -89,35 +90,14 @@ class LlamaCppScorer:
 
     def tokenize(self, text: str, add_bos: bool, special: bool = True) -> list[int]:
         """Token ids of ``text`` (``special``: parse ``<s>`` etc. as control tokens)."""
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        while True:
-            buf = (self._lc.llama_token * size)()
-            n = self._lc.llama_tokenize(self._vocab, data, len(data), buf, size, add_bos, special)
-            if n >= 0:
-                return list(buf[:n])
-            size = -n
+        return self.tokenizer.tokenize(text, add_bos, special)
 
     def piece(self, token_id: int) -> str:
-        """The text of one token (control tokens rendered, invalid UTF-8 replaced)."""
-        size = 64
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self._lc.llama_token_to_piece(self._vocab, int(token_id), buf, size, 0, True)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n
+        return self.tokenizer.piece(token_id)
 
     def detokenize(self, ids: list[int]) -> str:
         """Text of ``ids`` as llama.cpp writes it (BOS/EOS dropped, SentencePiece's leading space removed)."""
-        arr = (self._lc.llama_token * max(1, len(ids)))(*[int(t) for t in ids])
-        size = 16 * len(ids) + 16
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = self._lc.llama_detokenize(self._vocab, arr, len(ids), buf, size, True, False)
-            if n >= 0:
-                return buf.raw[:n].decode("utf-8", errors="replace")
-            size = -n
+        return self.tokenizer.decode(ids, keep_special=False)
 
     # --- decoding ---------------------------------------------------------------------------------
 

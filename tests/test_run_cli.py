@@ -1,6 +1,5 @@
 """`edge-emollama run` as a user starts it: clear errors, signals, and stages split over TCP links."""
 import json
-import os
 import signal
 import subprocess
 import sys
