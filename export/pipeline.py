@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import OutputError
+from ..lazy import require
 from ..spec import get_preset
 from .context import ExportContext, StepTimer, human_bytes, log
 from .formats import plan
@@ -25,6 +26,8 @@ from .validate import encoder_parity, format_table, llm_parity, raise_on_failure
 
 def export(cfg: Config, validate: bool = False, random_weights: bool = False) -> Path:
     """Run the export described by ``cfg``; returns the finished output folder."""
+    for module in ("torch", "transformers"):   # the reference model, which every format is made from
+        require(module)
     spec = get_preset(cfg.model.preset)
     formats, skipped = plan(cfg.export.formats)
     out = Path(cfg.export.out)

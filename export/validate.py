@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import EdgeEmollamaError
 from ..lazy import require
 from ..prompt import label_pieces, prompt_parts
-from ..reference.model import softmax
+from ..runtime.fusion import softmax
 from .onnx_export import BRANCH_IO, example_inputs
 
 ENCODER_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}

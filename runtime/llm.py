@@ -34,21 +34,16 @@ class LlamaCppScorer:
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
-                 verbose: bool = False):
+                 verbose: bool = False, share_model: "LlamaCppScorer | None" = None):
+        """``share_model``: a second context on another scorer's weights (which must outlive this one)."""
         lc = self._lc = require("llama_cpp")
         self._model = self._ctx = None
         if flash_attn not in FLASH_ATTN or kv_type not in KV_TYPES:
             raise ConfigError(f"flash_attn='{flash_attn}', kv_type='{kv_type}': use one of {sorted(FLASH_ATTN)} "
                               f"and one of {sorted(KV_TYPES)}")
-        if not Path(gguf_path).is_file():
-            raise ArtifactError(f"LLM file {gguf_path} not found: run the export first")
         quiet_llama_cpp(verbose)
-        lc.llama_backend_init()
-        mparams = lc.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
-        if not self._model:
-            raise ArtifactError(f"llama.cpp could not load {gguf_path} (not a GGUF, or an unsupported one)")
+        self._owns_model = share_model is None
+        self._model = self._load_model(gguf_path, n_gpu_layers) if share_model is None else share_model._model
         cparams = self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type)
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
@@ -65,6 +60,17 @@ class LlamaCppScorer:
         self._cached: list[int] = []  # leading token-only ids now in the KV cache (positions 0..len-1)
         self.n_past = 0               # positions of the last prompt in the cache
         self.reused = 0               # positions kept from the previous call by the last call
+
+    def _load_model(self, gguf_path, n_gpu_layers: int):
+        if not Path(gguf_path).is_file():
+            raise ArtifactError(f"LLM file {gguf_path} not found: run the export first")
+        self._lc.llama_backend_init()
+        mparams = self._lc.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        model = self._lc.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not model:
+            raise ArtifactError(f"llama.cpp could not load {gguf_path} (not a GGUF, or an unsupported one)")
+        return model
 
     def _context_params(self, n_ctx: int, n_threads: int | None, flash_attn: str, n_batch: int, kv_type: str):
         params = self._lc.llama_context_default_params()
@@ -242,9 +248,9 @@ class LlamaCppScorer:
             lc.llama_batch_free(self._embeds)
             lc.llama_free(self._ctx)
             self._ctx = None
-        if self._model:
+        if self._model and self._owns_model:
             lc.llama_model_free(self._model)
-            self._model = None
+        self._model = None
 
     def __enter__(self) -> "LlamaCppScorer":
         return self

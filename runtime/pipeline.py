@@ -196,9 +196,8 @@ class Pipeline:
 
     def _start_reasoning(self, stage: LlmStage) -> None:
         if self.options.reasoning and self.publisher is not None:
-            self.reasoner = ReasoningWorker(stage.path, stage.spec, stage.layout, self.publisher,
-                                            max_tokens=self.options.reason_tokens, n_ctx=stage.n_ctx,
-                                            threads=self.options.threads, n_gpu_layers=self.options.n_gpu_layers)
+            self.reasoner = ReasoningWorker(stage, self.publisher, max_tokens=self.options.reason_tokens,
+                                            threads=self.options.threads)
             self.control.set_explain(self.reasoner.request)
 
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:

@@ -1,7 +1,7 @@
 """Reasoning on request: the ``[reason]`` explanation of the latest window, generated off the estimate path.
 
-A second llama.cpp instance on the same GGUF (its own context and thread) generates greedily from the
-reasoning prompt with the latest window's media rows, so estimates keep flowing while it writes. One
+A second llama.cpp context on the LLM stage's weights (its own KV cache and thread) generates greedily from
+the reasoning prompt with the latest window's media rows, so estimates keep flowing while it writes. One
 request runs at a time and one more may wait; further requests are answered ``busy``. The text is
 published on the ``reason`` topic with the request's id.
 """
@@ -19,14 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class ReasoningWorker:
-    def __init__(self, gguf_path, spec, layout: str, publisher, max_tokens: int = 96, n_ctx: int = 2048,
-                 threads: int = 0, n_gpu_layers: int = 0):
-        from ..vocab import LlamaTokenizer
+    def __init__(self, stage, publisher, max_tokens: int = 96, threads: int = 0):
+        """``stage``: the LlmStage whose weights this worker shares (close the worker first)."""
         from .llm import LlamaCppScorer
 
-        self.spec, self.layout, self.publisher, self.max_tokens = spec, layout, publisher, max_tokens
-        self.tokenizer = LlamaTokenizer(gguf_path)
-        self.scorer = LlamaCppScorer(gguf_path, n_ctx=n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers)
+        self.spec, self.layout, self.publisher, self.max_tokens = stage.spec, stage.layout, publisher, max_tokens
+        self.tokenizer = stage.tokenizer
+        self.scorer = LlamaCppScorer(stage.path, n_ctx=stage.n_ctx, n_threads=threads or None,
+                                     share_model=stage.scorer)
         self._latest = None
         self._pending: list = []
         self._cond = threading.Condition()

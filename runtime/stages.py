@@ -20,6 +20,7 @@ import numpy as np
 from .. import preprocess
 from ..prompt import label_pieces, prompt_parts
 from ..spec import FEATURE_BRANCHES, ModelSpec, get_preset
+from ..errors import ArtifactError
 from .artifacts import Artifacts
 from .encoders import OnnxEncoders
 from .fusion import softmax
@@ -140,19 +141,18 @@ class LlmStage:
 
     def __init__(self, artifacts: Artifacts, quant: str = "F16", threads: int | None = None, n_gpu_layers: int = 0,
                  layout: str | None = None, n_ctx: int = 0):
-        from ..vocab import LlamaTokenizer
         from .llm import LlamaCppScorer
 
         self.spec = get_preset(artifacts.preset)
         self.layout = layout or artifacts.manifest["prompt"]["layout"]
         self.path = artifacts.path(format="gguf", quant=quant)
-        self.tokenizer = LlamaTokenizer(self.path)
-        self.pieces = [list(p) for p in artifacts.manifest["label_pieces"]]
-        if self.pieces != label_pieces(self.tokenizer):
-            from ..errors import ArtifactError
-            raise ArtifactError(f"{self.path}: label pieces differ from the manifest's; re-export the folder")
         self.n_ctx = n_ctx or min(self.spec.llama.context, 2048)
         self.scorer = LlamaCppScorer(self.path, n_ctx=self.n_ctx, n_threads=threads or None, n_gpu_layers=n_gpu_layers)
+        self.tokenizer = self.scorer.tokenizer
+        self.pieces = [list(p) for p in artifacts.manifest["label_pieces"]]
+        if self.pieces != label_pieces(self.tokenizer):
+            self.scorer.close()
+            raise ArtifactError(f"{self.path}: label pieces differ from the manifest's; re-export the folder")
         self._parts_cache: dict = {}
 
     def parts(self, subtitle: str, task: str = "emotion") -> list:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..prompt import label_pieces, prompt_parts
+from ..runtime.fusion import softmax
 from ..spec import FEATURE_BRANCHES, ModelSpec
 from .audio import build_hubert
 from .branches import AudioBranch, EvaBranch, FaceBranch, FaceFrameBranch, VideoBranch
@@ -115,8 +116,3 @@ def _cache_kwarg(llama, cache) -> dict:
     """transformers renamed ``past_key_values`` to ``cache`` (5.x); pass whichever this version takes."""
     names = inspect.signature(llama.forward).parameters
     return {"cache": cache} if "cache" in names else {"past_key_values": cache}
-
-
-def softmax(logprobs: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logprobs - np.max(logprobs))
-    return shifted / shifted.sum()

@@ -1,0 +1,31 @@
+"""The runtime imports without torch; optional libraries fail with the exact install command."""
+import subprocess
+import sys
+
+import pytest
+
+from edge_emollama.errors import MissingDependencyError
+from edge_emollama.lazy import require
+
+BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+
+
+def test_runtime_and_cli_import_without_torch():
+    code = BLOCK_TORCH + ("import edge_emollama.runtime.pipeline, edge_emollama.runtime.bench, edge_emollama.commands, "
+                          "edge_emollama.cli; from edge_emollama.cli import main; "
+                          "sys.exit(main(['run', '--help']) if False else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_export_without_torch_names_the_install_command():
+    code = BLOCK_TORCH + ("from edge_emollama.cli import main; "
+                          "sys.exit(main(['export', '--preset', 'tiny', '--out', '/tmp/edge-emollama-no-torch']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert 'pip install "torch==2.13.0" -e ".[export]"' in result.stderr
+
+
+def test_require_names_the_package_and_the_fix():
+    with pytest.raises(MissingDependencyError, match=r"'tensorrt' is needed for TensorRT engines.*pip install tensorrt"):
+        require("tensorrt")
