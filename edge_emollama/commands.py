@@ -68,16 +68,16 @@ def run_options(args, cfg: Config):
 
 
 def _stage_options(args) -> dict:
-    from .runtime.pipeline import RunOptions
+    from .runtime.pipeline import LINKS
 
     options = {}
     if getattr(args, "stages", None):
         options["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    links = dict(RunOptions().links)
+    links = {}
     for spec in getattr(args, "link", []) or []:
         name, _, endpoint = spec.partition("=")
-        if name not in links or not endpoint:
-            raise InputError(f"--link {spec}: use NAME=ENDPOINT with NAME one of {', '.join(links)}")
+        if name not in LINKS or not endpoint:
+            raise InputError(f"--link {spec}: use NAME=ENDPOINT with NAME one of {', '.join(LINKS)}")
         links[name] = endpoint
     options["links"] = links
     return options

@@ -93,15 +93,13 @@ def pipelined_throughput(options: BenchOptions, items: list) -> dict:
     from .pipeline import Pipeline, RunOptions
     from .publish import PublisherOptions
 
-    tag = f"bench-{id(items)}"
-    links = {"windows": f"inproc://{tag}-w", "rows": f"inproc://{tag}-r", "scores": f"inproc://{tag}-s"}
-    run = RunOptions(artifacts=options.artifacts, stages=("encode", "llm", "publish"), links=links,
+    run = RunOptions(artifacts=options.artifacts, stages=("encode", "llm", "publish"),
                      threads=options.threads, precision=options.precision, quant=options.quant,
                      n_gpu_layers=options.n_gpu_layers, reasoning=False, lossless=True,
                      publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
                      control=ControlOptions(endpoint="tcp://127.0.0.1:*"))
     pipeline = Pipeline(run)
-    producer = Producer(LinkOptions(links["windows"], sndhwm=2))
+    producer = Producer(LinkOptions(pipeline.links["windows"], sndhwm=2))
     pipeline.start()
     start = time.perf_counter()
     for i, item in enumerate(items):

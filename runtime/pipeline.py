@@ -26,6 +26,7 @@ from .windows import WindowOptions, WindowScheduler
 
 log = logging.getLogger("edge_emollama.runtime")
 STAGES = ("capture", "encode", "llm", "publish")
+LINKS = ("windows", "rows", "scores")
 
 
 @dataclass
@@ -49,11 +50,11 @@ class RunOptions:
     reasoning: bool = True
     reason_tokens: int = 96
     stages: tuple = STAGES
-    links: dict = field(default_factory=lambda: {"windows": "inproc://windows", "rows": "inproc://rows",
-                                                 "scores": "inproc://scores"})
+    links: dict = field(default_factory=dict)   # windows / rows / scores -> endpoint; unset: inproc, unique
+
     lossless: bool | None = None       # None: lossless for a file read as fast as possible, else newest wins
     max_windows: int | None = None
-    on_estimate: object = None          # callable(payload) for printing
+    on_estimate: object = None          # callable(fused estimate, item) after each publish (printing, benches)
 
 
 class Pipeline:
@@ -70,6 +71,7 @@ class Pipeline:
         self.published = 0
         self._lossless = (options.lossless if options.lossless is not None
                           else options.video is not None and not options.realtime)
+        self.links = {name: options.links.get(name) or f"inproc://{name}-{id(self):x}" for name in LINKS}
 
     # -- assembly -------------------------------------------------------------------------------------------
     def start(self) -> "Pipeline":
@@ -97,12 +99,12 @@ class Pipeline:
         return self
 
     def _link_out(self, name: str) -> Producer:
-        producer = Producer(LinkOptions(self.options.links[name]))
+        producer = Producer(LinkOptions(self.links[name]))
         self._closers.append(producer.close)
         return producer
 
     def _link_in(self, name: str) -> Consumer:
-        consumer = Consumer(LinkOptions(self.options.links[name]), keep_newest=not self._lossless)
+        consumer = Consumer(LinkOptions(self.links[name]), keep_newest=not self._lossless)
         self._closers.append(consumer.close)
         return consumer
 

@@ -61,12 +61,11 @@ def test_stages_split_over_tcp_links(tiny_artifacts, sample_clip, endpoints):
     rows = f"tcp://127.0.0.1:{free_port()}"
     pub, ctl = endpoints
     common = dict(artifacts=str(tiny_artifacts), threads=1, reasoning=False)
-    back = Pipeline(RunOptions(stages=("llm", "publish"), links={"windows": "inproc://unused-w",
-                                                                 "rows": rows, "scores": "inproc://back-s"},
+    back = Pipeline(RunOptions(stages=("llm", "publish"), links={"rows": rows},
                                publisher=PublisherOptions(endpoint=pub), control=ControlOptions(endpoint=ctl),
                                lossless=True, **common)).start()
     front = Pipeline(RunOptions(stages=("capture", "encode"), video=str(sample_clip), realtime=False,
-                                links={"windows": "inproc://front-w", "rows": rows, "scores": "inproc://unused-s"},
+                                links={"rows": rows},
                                 **common)).start()
     assert front.wait(timeout_s=90) and back.wait(timeout_s=60)
     front.close()
