@@ -71,7 +71,7 @@ def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layou
     # faster defaults add about 3e-3 x logit std; tests/test_pipeline.py bounds the runtime's own KL)
     scorers = {name: LlamaCppScorer(path, n_ctx=_context(spec), n_threads=n_threads, flash_attn="off", kv_type="f32")
                for name, path in ggufs.items()}
-    stats = {name: {"agree": 0, "kl": []} for name in ggufs}
+    stats = {name: {"agree": 0, "kl": [], "flip_margins": []} for name in ggufs}
     try:
         for _ in range(windows):
             rows, subtitle = random_window(reference, spec, rng, zeros)
@@ -79,7 +79,10 @@ def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layou
             parts = prompt_parts(tokenizer, spec, subtitle, layout)
             for name, scorer in scorers.items():
                 got = softmax(scorer.label_logprobs(parts, rows, pieces))
-                stats[name]["agree"] += int(np.argmax(got) == np.argmax(want))
+                same = bool(np.argmax(got) == np.argmax(want))
+                stats[name]["agree"] += same
+                if not same:   # how decisive the reference was where the label flipped
+                    stats[name]["flip_margins"].append(float(np.diff(np.sort(want)[-2:])[0]))
                 stats[name]["kl"].append(float(np.sum(want * (np.log(want) - np.log(got)))))
     finally:
         for scorer in scorers.values():
@@ -94,7 +97,8 @@ def _llm_row(name: str, path, s: dict, windows: int) -> dict:
     if gate:
         passed = agreement >= gate["agreement"] and (gate["kl"] is None or max(s["kl"]) < gate["kl"])
     return {"artifact": str(path.name), "quant": name, "windows": windows, "top_label_agreement": agreement,
-            "kl_max": max(s["kl"]), "kl_mean": float(np.mean(s["kl"])), "gate": gate, "passed": passed}
+            "kl_max": max(s["kl"]), "kl_mean": float(np.mean(s["kl"])), "gate": gate, "passed": passed,
+            "flip_reference_margins": s["flip_margins"]}
 
 
 def _context(spec) -> int:
@@ -116,7 +120,9 @@ def _limit(value) -> str:
 def _figures(row: dict) -> str:
     if "max_rel_err" in row:
         return f"max rel err {row['max_rel_err']:.2e} > {row['limit']:.0e}"
-    return f"top-label agreement {row['top_label_agreement']:.2%}, KL max {row['kl_max']:.2e}"
+    flips = row.get("flip_reference_margins") or [0.0]
+    return (f"top-label agreement {row['top_label_agreement']:.2%}, KL max {row['kl_max']:.2e}, labels flipped where "
+            f"the reference's top two were within {max(flips):.3f}")
 
 
 def format_table(report: dict) -> str:
@@ -131,6 +137,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{r['artifact']:38} {'top label, ' + str(r['windows']) + ' windows':28} "
                      f"{r['top_label_agreement']:16.2%} {_limit(gate.get('agreement')):>10}  {ok}")
         kl_limit = f"{gate['kl']:10.0e}" if gate.get("kl") else f"{'-':>10}"
+        if r["flip_reference_margins"]:
+            lines.append(f"{'':38} {'label flips: ref top-2 margin':28} {'max ' + format(max(r['flip_reference_margins']), '.3f'):>16}")
         lines.append(f"{'':38} {'KL(ref||gguf) max / mean':28} {r['kl_max']:9.1e}/{r['kl_mean']:6.0e} "
                      f"{kl_limit}  {ok if gate.get('kl') else ''}")
     return "\n".join(lines)
