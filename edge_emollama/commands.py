@@ -20,7 +20,10 @@ def add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="camera/microphone/file -> emotion estimates on ZeroMQ")
     src = p.add_argument_group("sources (at least one)")
     src.add_argument("--camera", help="camera index, /dev/videoN or stream URL")
-    src.add_argument("--mic", nargs="?", const="default", help="microphone (PyAudio index or name; default input)")
+    src.add_argument("--mic", nargs="?", const="default",
+                     help="microphone (PyAudio index or name; default input); with --camera the default input is "
+                          "used unless --no-mic")
+    src.add_argument("--no-mic", action="store_true", help="with --camera: video only")
     src.add_argument("--video", help="a video file with its audio track")
     src.add_argument("--fast", action="store_true", help="file: as fast as possible, no window dropped")
     src.add_argument("--no-audio", action="store_true", help="file: ignore its audio track (video only)")
@@ -52,7 +55,8 @@ def run_options(args, cfg: Config):
     artifacts = args.artifacts or r.artifacts
     spec = get_preset(_manifest_preset(artifacts))
     return RunOptions(
-        artifacts=artifacts, camera=args.camera, microphone=args.mic, video=args.video, realtime=not args.fast,
+        artifacts=artifacts, camera=args.camera, microphone=_microphone(args), video=args.video,
+        realtime=not args.fast,
         file=FileOptions(video=not args.no_video, audio=not args.no_audio),
         subtitle=args.subtitle if args.subtitle is not None else r.subtitle, providers=r.providers,
         threads=r.threads, quant=resolve("quant", r.quant, _exported_quants(artifacts)),
@@ -65,6 +69,13 @@ def run_options(args, cfg: Config):
         control=ControlOptions(endpoint=args.control or r.control), reasoning=r.reasoning,
         reason_tokens=r.reason_tokens, max_windows=args.max_windows, **_stage_options(args),
         on_estimate=None if args.quiet else print_estimate)
+
+
+def _microphone(args) -> str | None:
+    """--mic as given; with a camera and no --mic, the default input unless --no-mic."""
+    if args.mic is not None:
+        return args.mic
+    return "default" if args.camera is not None and not args.no_mic else None
 
 
 def _stage_options(args) -> dict:
@@ -233,8 +244,9 @@ def cmd_demo(args, cfg: Config) -> int:
 def argparse_namespace(**values):
     import argparse
 
-    defaults = dict(camera=None, mic=None, video=None, fast=False, no_audio=False, no_video=False, artifacts=None,
-                    publish=None, control=None, subtitle=None, max_windows=None, quiet=False, stages=None, link=[])
+    defaults = dict(camera=None, mic=None, no_mic=False, video=None, fast=False, no_audio=False, no_video=False,
+                    artifacts=None, publish=None, control=None, subtitle=None, max_windows=None, quiet=False,
+                    stages=None, link=[])
     return argparse.Namespace(**{**defaults, **values})
 
 

@@ -73,3 +73,16 @@ def test_stages_split_over_tcp_links(tiny_artifacts, sample_clip, endpoints):
     front.raise_errors()
     back.raise_errors()
     assert back.published >= 5
+
+
+def test_camera_brings_the_default_microphone_unless_told_otherwise(tiny_artifacts):
+    from edge_emollama.commands import argparse_namespace, run_options
+    from edge_emollama.config import Config
+
+    def mic(**kw):
+        return run_options(argparse_namespace(artifacts=str(tiny_artifacts), **kw), Config()).microphone
+
+    assert mic(camera="0") == "default"
+    assert mic(camera="0", no_mic=True) is None
+    assert mic(camera="0", mic="USB") == "USB"
+    assert mic(video="clip.mp4") is None
