@@ -36,7 +36,7 @@ def _load(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> 
         vocab = tiny_vocab() if spec.tokenizer == "tiny" else _random_vocab_for(spec)
         tokenizer = _tokenizer(vocab, staging)
         reference = build_random(spec, tokenizer, seed=cfg.export.seed)
-        return reference, tokenizer, vocab, {"weights": f"seeded random (seed {cfg.export.seed})"}
+        return reference, tokenizer, vocab, {"weights": "seeded random", "seed": cfg.export.seed}
     paths = checkpoint_paths(cfg)
     vocab = vocab_from_sentencepiece(paths.llama_dir / "tokenizer.model")
     tokenizer = _tokenizer(vocab, staging)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ArtifactError
 from ..spec import ModelSpec
 from .artifacts import load_artifacts
 from .clock import now_ns
@@ -152,7 +153,10 @@ def reference_timings(options: BenchOptions, spec: ModelSpec, items: list) -> di
 
     artifacts = load_artifacts(options.artifacts, verify=False)
     tokenizer = LlamaTokenizer(artifacts.root / "vocab.gguf")
-    seed = int(artifacts.manifest["source"]["weights"].split("seed ")[1].rstrip(")"))
+    seed = artifacts.manifest["source"].get("seed")
+    if seed is None:
+        raise ArtifactError(f"{options.artifacts} holds a user's checkpoints: --reference rebuilds the reference "
+                            "from the seed of random-weight exports only (use --preset, or --random-weights)")
     reference = build_random(spec, tokenizer, seed=seed)
     reference = _on_gpu(reference)
     time_reference(reference, items[:1], options.subtitle)   # warm-up
@@ -217,6 +221,7 @@ def run_bench(options: BenchOptions) -> dict:
               "machine": _machine(), "tools": tool_versions(), "windows": options.windows,
               "runtime": {"precision": options.precision, "quant": options.quant, "threads": options.threads},
               "stage_latency_ms": stage_latency(encoders, llm, items, options.subtitle)}
+    report["mae_frames_reused"] = encoders.frames_reused
     report["llm_by_quant_ms"] = quant_latency(options, encoders, items)
     if options.sweep:
         report["scaling"] = scaling(options, spec, encoders, llm)

@@ -45,32 +45,36 @@ class EncoderStage:
         self.zero_rows = np.load(artifacts.root / artifacts.manifest["features"]["zero_rows"])
         self._pool = ThreadPoolExecutor(len(branches), thread_name_prefix="encoder") if parallel else None
         self._frame_rows: OrderedDict = OrderedDict()   # (capture ns, face box) -> MAE row of that frame
-        self.frames_reused = 0
+        self.frames_reused = 0                           # MAE frames served from the cache (bench reports it)
 
-    def _preparers(self, item: dict) -> dict:
-        """branch -> a function that preprocesses its input, or None when the branch gives its zero row."""
+    def _jobs(self, item: dict) -> dict:
+        """branch -> a job returning (outputs, preprocess ms, run ms); branches absent here give their zero row."""
         spec, frame, audio = self.spec, item.get("frame"), item.get("audio")
-        size = spec.eva.image_size
-        face = bool(item.get("face_present"))
-        preparers = {
-            "eva": (lambda: {"pixels": preprocess.eva_pixels(frame, spec)}) if frame is not None
-            else (lambda: {"pixels": np.zeros((1, 3, size, size), np.float32)}),
-            "mae": (lambda: item) if face else None,   # preprocessed per new frame in _mae_rows
-            "videomae": (lambda: {"clip": preprocess.video_clip(item["videomae_frames"], spec)}) if face else None,
-            "hubert": (lambda: {"pcm": preprocess.audio_pcm(audio, spec)})
-            if audio is not None and item.get("audio_present") else None}
-        return {k: (None if k in self.zeros else v) for k, v in preparers.items()}
+
+        def eva_feed() -> dict:
+            if frame is None:   # no video: an all-zero (mean-colour) image
+                return {"pixels": np.zeros((1, 3, spec.eva.image_size, spec.eva.image_size), np.float32)}
+            return {"pixels": preprocess.eva_pixels(frame, spec)}
+
+        jobs = {"eva": lambda: self._timed("eva", eva_feed)}
+        if item.get("face_present"):
+            jobs["mae"] = lambda: self._mae_rows(item)
+            jobs["videomae"] = lambda: self._timed("videomae", lambda: {
+                "clip": preprocess.video_clip(item["videomae_frames"], spec)})
+        if audio is not None and item.get("audio_present"):
+            jobs["hubert"] = lambda: self._timed("hubert", lambda: {"pcm": preprocess.audio_pcm(audio, spec)})
+        return {name: job for name, job in jobs.items() if name not in self.zeros}
 
     def __call__(self, item: dict) -> dict:
         """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool (ONNX Runtime and
         the numpy/Pillow preprocessing release the GIL)."""
         start = time.perf_counter()
-        jobs = {}
-        for name, prepare in self._preparers(item).items():
-            if prepare is not None:
-                work = self._mae_rows if name == "mae" else self._timed
-                jobs[name] = self._pool.submit(work, name, prepare) if self._pool else work(name, prepare)
-        outputs = {name: (job.result() if self._pool else job) for name, job in jobs.items()}
+        jobs = self._jobs(item)
+        if self._pool is not None:
+            futures = {name: self._pool.submit(job) for name, job in jobs.items()}
+            outputs = {name: future.result() for name, future in futures.items()}
+        else:
+            outputs = {name: job() for name, job in jobs.items()}
         timings = {}
         for name, (_, prep_ms, run_ms) in outputs.items():
             timings[f"preprocess_{name}"], timings[f"encoder_{name}"] = prep_ms, run_ms
@@ -80,9 +84,7 @@ class EncoderStage:
             rows.append(outputs[name][0][0] if name in outputs else self.zero_rows[i:i + 1])
         rows.append(cls_row)
         timings["encoders"] = _ms(start)
-        used = {name: name in outputs for name in FEATURE_BRANCHES}
-        return {"rows": np.concatenate(rows).astype(np.float32, copy=False), "encoder_timings": timings,
-                "features_used": used}
+        return {"rows": np.concatenate(rows).astype(np.float32, copy=False), "encoder_timings": timings}
 
     def warmup(self) -> None:
         """One synthetic window through every branch (ONNX Runtime plans its first run lazily)."""
@@ -98,11 +100,10 @@ class EncoderStage:
         prepared = time.perf_counter()
         return self.encoders.run(name, feed), (prepared - start) * 1e3, _ms(prepared)
 
-    def _mae_rows(self, _name: str, prepare) -> tuple:
+    def _mae_rows(self, item: dict) -> tuple:
         """The MAE row of a window: the mean of its frames' rows, each frame computed once (cached by capture
         time and face box) however many overlapping windows cover it."""
         start = time.perf_counter()
-        item = prepare()
         crops = np.asarray(item["face_crops"])
         keys = _frame_keys(item, len(crops))
         new = [i for i, key in enumerate(keys) if key is None or key not in self._frame_rows]
