@@ -279,10 +279,11 @@ def cmd_bench(args, cfg: Config) -> int:
                            precision=resolve("precision", r.precision),
                            quant=resolve("quant", r.quant, _exported_quants(folder)),
                            n_gpu_layers=resolve("n_gpu_layers", "auto" if r.n_gpu_layers is None else r.n_gpu_layers),
-                           clip=not args.no_clip, sweep=args.sweep)
+                           providers=tuple(r.providers), clip=not args.no_clip, sweep=args.sweep,
+                           progress=args.json)
     report = run_bench(options)
     print(format_report(report))
     out = Path(args.json or f"bench-results/bench-{report['preset']}.json")
     write_report(report, out)
     print(f"figures written to {out}")
-    return 0
+    return 1 if report["errors"] else 0

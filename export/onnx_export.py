@@ -7,6 +7,7 @@ Each branch emits LLM-space rows directly. Per-window axes are dynamic: the numb
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +55,22 @@ def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, 
     io = BRANCH_IO[branch]
     sample = example_inputs(spec, branch, np.random.default_rng(0), frames=3, seconds=0.5)
     device = next(module.parameters()).device
-    args = tuple(torch.from_numpy(sample[name]).to(device) for name in io.inputs)
-    raw = path.with_name(path.name + ".trace")
+    module.to("cpu")   # the TorchScript exporter's constant folding mixes CPU and CUDA tensors (torch 2.11)
+    args = tuple(torch.from_numpy(sample[name]) for name in io.inputs)
+    # a folder of its own: over 2 GB the exporter writes every weight as a separate file beside the graph
+    raw = path.parent / f".{path.name}.trace" / "model.onnx"
+    raw.parent.mkdir(exist_ok=True)
     with torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter: 0.2 s against ~5 s for the dynamo one, same graphs for these modules
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(module.eval(), args, str(raw), input_names=list(io.inputs), output_names=list(io.outputs),
-                          dynamic_axes=io.dynamic or None, opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+        try:
+            torch.onnx.export(module.eval(), args, str(raw), input_names=list(io.inputs),
+                              output_names=list(io.outputs), dynamic_axes=io.dynamic or None, opset_version=opset,
+                              dynamo=False, do_constant_folding=True)
+        finally:
+            module.to(device)
     model = onnx.load(str(raw), load_external_data=True)
-    for leftover in raw.parent.glob(raw.name + "*"):
-        leftover.unlink()
+    shutil.rmtree(raw.parent)
     return save_onnx(model, path, {**metadata, "branch": branch})
 
 
@@ -93,12 +99,21 @@ def _has_inline_data(model) -> bool:
         return False
 
 
+FP32_OPS = ("Conv",)
+
+
 def convert_fp16(src: Path, dst: Path, metadata: dict) -> list:
-    """fp16 weights and compute, float32 inputs and outputs (onnxruntime's converter)."""
-    onnx = require("onnx")
+    """fp16 weights and compute, float32 inputs and outputs (onnxruntime's converter).
+
+    Convolutions stay float32 (``FP32_OPS``): on an H200 with onnxruntime-gpu 1.31.1 and cuDNN 9 for CUDA 13,
+    cuDNN had no fp16 engine for VideoMAE's 3-channel Conv3d patch embedding ("No valid engine configs"),
+    and the error then broke HuBERT's Conv running beside it; the float32 convolutions ran. They are the
+    patch embeddings and HuBERT's feature extractor, a few percent of the arithmetic."""
     float16 = require("onnxruntime.transformers.float16")
-    model = onnx.load(str(src), load_external_data=True)
-    half = float16.convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    # given the path, the converter infers types with onnx's file-based inference, which works over 2 GB;
+    # it needs the types to put casts around the float32 convolutions
+    half = float16.convert_float_to_float16(str(src), keep_io_types=True, disable_shape_infer=False,
+                                            op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
     return save_onnx(half, dst, {**metadata, "precision": "fp16"})
 
 

@@ -37,7 +37,7 @@ def export(cfg: Config, validate: bool = False, random_weights: bool = False) ->
         ctx.skipped.update(skipped)
         for name, reason in skipped.items():
             log.warning("[%s] skipped: %s", name, reason)
-        _check_space(ctx, out)
+        _check_space(ctx, out, formats)
         for fmt in formats:
             fmt.run(ctx)
         report = _full_validation(ctx) if validate else {"seed": None, "quick": ctx.checks}
@@ -67,9 +67,24 @@ def _make_staging(out: Path) -> Path:
                           "its permissions") from exc
 
 
-def _check_space(ctx: ExportContext, out: Path) -> None:
-    params = sum(p.numel() for p in ctx.reference.parameters())
-    needed = params * 10   # fp32 + fp16 ONNX of the encoders, F16 + quantized GGUFs of the LLM, with margin
+BYTES_PER_PARAM = {"onnx": 4.0, "onnx-fp16": 2.0, "tensorrt": 2.0, "gguf": 2.0}   # the LLM for gguf
+QUANT_BYTES_PER_PARAM = {"Q8_0": 1.07, "Q4_K_M": 0.6}                                # others: 1.1
+
+
+def space_needed(ctx: ExportContext, formats: list) -> int:
+    """Bytes the planned formats write, with 15 % margin and room for the largest encoder's trace."""
+    llm = sum(p.numel() for p in ctx.reference.llama_model.parameters())
+    encoders = sum(p.numel() for p in ctx.reference.parameters()) - llm
+    per_param = {f.name: BYTES_PER_PARAM[f.name] for f in formats}
+    total = encoders * sum(v for k, v in per_param.items() if k != "gguf")
+    if "gguf" in per_param:
+        total += llm * (2.0 + sum(QUANT_BYTES_PER_PARAM.get(q, 1.1) for q in ctx.cfg.export.quant))
+    largest = max(sum(p.numel() for p in m.parameters()) for m in ctx.reference.export_units().values())
+    return int(1.15 * total + 4 * largest * ("onnx" in per_param))
+
+
+def _check_space(ctx: ExportContext, out: Path, formats: list) -> None:
+    needed = space_needed(ctx, formats)
     free = shutil.disk_usage(out.parent).free
     if free < needed:
         raise OutputError(f"{out.parent} has {human_bytes(free)} free; the export needs about "

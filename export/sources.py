@@ -12,22 +12,27 @@ from ..vocab import LlamaTokenizer, tiny_vocab, vocab_from_sentencepiece, write_
 
 def load_model(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
     """(reference, tokenizer, vocab, provenance) for the configured preset, on ``export.device``."""
-    reference, tokenizer, vocab, provenance = _load(cfg, spec, staging, random_weights)
-    return on_device(reference, cfg.export.device), tokenizer, vocab, provenance
+    device = export_device(cfg.export.device)
+    reference, tokenizer, vocab, provenance = _load(cfg, spec, staging, random_weights, device)
+    return reference.to(device), tokenizer, vocab, provenance
 
 
-def on_device(reference, device: str):
-    """``auto``: CUDA when torch sees a GPU (the 7B reference checks take minutes per window on a CPU)."""
+def export_device(device: str) -> str:
+    """``auto``: CUDA when torch sees a GPU (the 7B reference checks take minutes per window on a CPU).
+    On CUDA, TF32 is switched off: the fp32 parity limit (1e-4) is below TF32's rounding."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("export.device is cuda but torch sees no GPU: install a CUDA build of torch or use cpu")
-    return reference.to(device)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device
 
 
-def _load(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
+def _load(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool, device: str) -> tuple:
     from ..reference.loading import load_reference
     from ..reference.synthetic import build_random
 
@@ -35,8 +40,9 @@ def _load(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> 
     if spec.tokenizer == "tiny" or random_weights:
         vocab = tiny_vocab() if spec.tokenizer == "tiny" else _random_vocab_for(spec)
         tokenizer = _tokenizer(vocab, staging)
-        reference = build_random(spec, tokenizer, seed=cfg.export.seed)
-        return reference, tokenizer, vocab, {"weights": "seeded random", "seed": cfg.export.seed}
+        reference = build_random(spec, tokenizer, seed=cfg.export.seed, device=device)
+        return reference, tokenizer, vocab, {"weights": "seeded random", "seed": cfg.export.seed,
+                                             "drawn_on": device}
     paths = checkpoint_paths(cfg)
     vocab = vocab_from_sentencepiece(paths.llama_dir / "tokenizer.model")
     tokenizer = _tokenizer(vocab, staging)

@@ -8,6 +8,8 @@ Tolerances (docs/verification.md):
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import EdgeEmollamaError
@@ -16,6 +18,7 @@ from ..prompt import label_pieces, prompt_parts
 from ..runtime.fusion import softmax
 from .onnx_export import BRANCH_IO, example_inputs
 
+log = logging.getLogger(__name__)
 ENCODER_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}
 GATES = {"F16": {"agreement": 1.0, "kl": 1e-3}, "Q8_0": {"agreement": 0.99, "kl": None}}
 WORDS = ("i", "really", "think", "that", "is", "so", "good", "today", "you", "know", "not", "what", "why",
@@ -30,16 +33,31 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
 
 
+def parity_providers(device) -> list:
+    """Where the reference runs on CUDA and onnxruntime has CUDA, the check runs there (TF32 off: the fp32
+    limit is below its rounding); otherwise on the CPU."""
+    from ..runtime.encoders import choose_providers
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in choose_providers(["CUDAExecutionProvider"]):
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 def encoder_parity(reference, spec, branch: str, precision: str, path, rng, trials: int) -> dict:
     torch = require("torch")
     ort = require("onnxruntime")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     module = reference.export_units()[branch]
+    device = next(module.parameters()).device
+    wanted = parity_providers(device)
+    first = wanted[0][0] if isinstance(wanted[0], tuple) else wanted[0]
+    session = ort.InferenceSession(str(path), providers=wanted)
+    if session.get_providers()[0] != first:
+        log.warning("%s is checked on %s: onnxruntime could not run it on %s (its message above); the runtime "
+                    "would fall back the same way", path.name, session.get_providers()[0], first)
     worst, shapes = 0.0, []
     for _ in range(trials):
         inputs = example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
         got = session.run(None, inputs)
-        device = next(module.parameters()).device
         with torch.no_grad():
             want = module(*(torch.from_numpy(inputs[n]).to(device) for n in BRANCH_IO[branch].inputs))
         want = want if isinstance(want, tuple) else (want,)
@@ -47,7 +65,8 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
     limit = ENCODER_LIMITS[precision]
     return {"artifact": str(path.name), "branch": branch, "precision": precision, "trials": trials,
-            "input_shapes": shapes, "max_rel_err": worst, "limit": limit, "passed": worst <= limit}
+            "provider": session.get_providers()[0], "input_shapes": shapes, "max_rel_err": worst, "limit": limit,
+            "passed": worst <= limit}
 
 
 def random_window(reference, spec, rng, zeros: tuple) -> tuple:
@@ -67,10 +86,11 @@ def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layou
     from ..runtime.llm import LlamaCppScorer
 
     pieces = label_pieces(tokenizer)
-    # flash attention off and an f32 KV cache: the check measures the weight format alone (the runtime's
-    # faster defaults add about 3e-3 x logit std; tests/test_pipeline.py bounds the runtime's own KL)
-    scorers = {name: LlamaCppScorer(path, n_ctx=_context(spec), n_threads=n_threads, flash_attn="off", kv_type="f32")
-               for name, path in ggufs.items()}
+    # flash attention off, an f32 KV cache, on the CPU: the check measures the weight format alone (the
+    # runtime's faster defaults add about 3e-3 x logit std; tests/test_pipeline.py bounds the runtime's own KL;
+    # a GPU's fp16 matrix products are measured by `edge-emollama bench`)
+    scorers = {name: LlamaCppScorer(path, n_ctx=_context(spec), n_threads=n_threads, flash_attn="off", kv_type="f32",
+                                    offload=False) for name, path in ggufs.items()}
     stats = {name: {"agree": 0, "kl": [], "flip_margins": []} for name in ggufs}
     try:
         for _ in range(windows):

@@ -1,7 +1,9 @@
 """The artifact manifest: written last by the export stage, read first by the runtime.
 
 The runtime refuses a manifest of another schema version, a preset it does not know, or files whose
-size or SHA-256 differ from what was exported, with a message that says what to re-export.
+size or SHA-256 differ from what was exported, with a message that says what to re-export. Hashing the
+full-size folder (~25 GB) takes tens of seconds, so a file whose size and modification time are those
+recorded in ``.verified.json`` after its last successful check is not hashed again.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from ..errors import ArtifactError
 
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"   # file -> [bytes, mtime_ns] of files whose SHA-256 matched (a cache, not a record)
 SCHEMA = "edge-emollama.manifest"
 VERSION = 1
 
@@ -66,15 +69,30 @@ def load_artifacts(root: str | os.PathLike, verify: bool = True) -> Artifacts:
         raise ArtifactError(f"{path} is schema {manifest.get('schema')} v{manifest.get('version')}; this runtime "
                             f"reads {SCHEMA} v{VERSION}: re-export with this version of edge-emollama")
     if verify:
-        for entry in manifest["artifacts"] + manifest.get("extra_files", []):
-            _verify(root, entry)
+        _verify_all(root, manifest["artifacts"] + manifest.get("extra_files", []))
     return Artifacts(root, manifest)
 
 
-def _verify(root: Path, entry: dict) -> None:
+def _verify_all(root: Path, entries: list) -> None:
+    try:
+        checked = json.loads((root / VERIFIED).read_text())
+    except (OSError, ValueError):
+        checked = {}
+    stamps = {entry["file"]: _verify(root, entry, checked.get(entry["file"])) for entry in entries}
+    if stamps != checked:
+        try:
+            (root / VERIFIED).write_text(json.dumps(stamps))
+        except OSError:   # a read-only folder: verified again next time
+            pass
+
+
+def _verify(root: Path, entry: dict, stamp: list | None) -> list:
     path = root / entry["file"]
     if not path.is_file():
         raise ArtifactError(f"{path} is listed in the manifest but missing; re-export the folder")
-    if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+    info = path.stat()
+    now = [info.st_size, info.st_mtime_ns]
+    if now != stamp and (info.st_size != entry["bytes"] or sha256(path) != entry["sha256"]):
         raise ArtifactError(f"{path} differs from the file that was exported (size or SHA-256); it was changed "
                             "or damaged: re-export the folder")
+    return now

@@ -14,6 +14,7 @@ What is measured (all on synthetic windows of the preset's shapes, drawn from a 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import tempfile
 import time
@@ -30,6 +31,9 @@ from .link import LinkOptions, Producer
 from .stages import EncoderStage, LlmStage
 
 
+PACED_HOP_S = 0.5   # the default hop: one window handed over every 0.5 s in the paced run
+
+
 @dataclass
 class BenchOptions:
     artifacts: str
@@ -40,8 +44,10 @@ class BenchOptions:
     precision: str = "fp32"
     quant: str = "F16"
     n_gpu_layers: int = 0
+    providers: tuple = ("CPUExecutionProvider",)
     clip: bool = True
     sweep: bool = False
+    progress: str | None = None   # the JSON is rewritten here after each section ("complete": false until the end)
     subtitle: str = "i really think so"
 
 
@@ -76,11 +82,15 @@ def stats(values: list) -> dict:
             "mean": float(array.mean()), "n": int(array.size)}
 
 
-def stage_latency(encoders: EncoderStage, llm: LlmStage, items: list, subtitle: str) -> dict:
+def stage_latency(encoders: EncoderStage, llm: LlmStage, items: list, subtitle: str,
+                  probabilities: list | None = None) -> dict:
+    """Per-stage p50/p95 over ``items``; the label distributions are appended to ``probabilities`` if given."""
     per_stage: dict = {}
     for item in items:
         out = encoders(item)
         result = llm(out["rows"], subtitle)
+        if probabilities is not None:
+            probabilities.append(result["probabilities"])
         timings = {**out["encoder_timings"], "llm": result["llm_ms"]}
         timings["window"] = timings["encoders"] + timings["llm"]
         for key, value in timings.items():
@@ -88,23 +98,31 @@ def stage_latency(encoders: EncoderStage, llm: LlmStage, items: list, subtitle: 
     return {k: stats(v) for k, v in per_stage.items()}
 
 
-def pipelined_throughput(options: BenchOptions, items: list) -> dict:
-    """N windows through encode -> llm -> publish threads linked by ZeroMQ, losing none."""
+def pipelined_throughput(options: BenchOptions, items: list, interval_s: float = 0.0) -> dict:
+    """N windows through encode -> llm -> publish threads linked by ZeroMQ, losing none, and each window's
+    latency from being handed to the encode stage to being published. ``interval_s`` 0: as fast as they go
+    (throughput; latency then includes queueing); else one window per interval, as a live source hands
+    them over (the hop), which gives the live latency without capture, decoding and face detection."""
     from .control import ControlOptions
     from .pipeline import Pipeline, RunOptions
     from .publish import PublisherOptions
 
+    handed, latencies = {}, []
     run = RunOptions(artifacts=options.artifacts, stages=("encode", "llm", "publish"),
                      threads=options.threads, precision=options.precision, quant=options.quant,
-                     n_gpu_layers=options.n_gpu_layers, reasoning=False, lossless=True,
-                     publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
-                     control=ControlOptions(endpoint="tcp://127.0.0.1:*"))
+                     n_gpu_layers=options.n_gpu_layers, providers=list(options.providers), reasoning=False,
+                     lossless=True, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
+                     control=ControlOptions(endpoint="tcp://127.0.0.1:*"),
+                     on_estimate=lambda fused, item: latencies.append((now_ns() - handed[item["index"]]) / 1e6))
     pipeline = Pipeline(run)
     producer = Producer(LinkOptions(pipeline.links["windows"], sndhwm=2))
     pipeline.start()
     start = time.perf_counter()
     for i, item in enumerate(items):
+        if interval_s:
+            time.sleep(max(0.0, start + i * interval_s - time.perf_counter()))
         item = {**item, "sent_ns": now_ns()}
+        handed[item["index"]] = item["sent_ns"]
         while not producer.send(item, block_s=0.5):
             pipeline.raise_errors()
     producer.send({"end": True}, block_s=5.0)
@@ -114,7 +132,8 @@ def pipelined_throughput(options: BenchOptions, items: list) -> dict:
     pipeline.close()
     pipeline.raise_errors()
     return {"windows": len(items), "published": pipeline.published, "seconds": seconds,
-            "estimates_per_s": pipeline.published / seconds}
+            "estimates_per_s": pipeline.published / seconds,
+            "handoff_to_publish_ms": stats(latencies) if latencies else None}
 
 
 def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
@@ -130,7 +149,8 @@ def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
         latencies = []
         run = RunOptions(artifacts=options.artifacts, video=str(clip), realtime=realtime, threads=options.threads,
                          precision=options.precision, quant=options.quant, n_gpu_layers=options.n_gpu_layers,
-                         reasoning=False, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
+                         providers=list(options.providers), reasoning=False,
+                         publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
                          control=ControlOptions(endpoint="tcp://127.0.0.1:*"),
                          on_estimate=lambda fused, item: latencies.append((now_ns() - item["t1_ns"]) / 1e6))
         pipeline = Pipeline(run).start()
@@ -146,24 +166,52 @@ def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
     return result
 
 
-def reference_timings(options: BenchOptions, spec: ModelSpec, items: list) -> dict:
+def reference_timings(options: BenchOptions, spec: ModelSpec, items: list,
+                      runtime_probabilities: list = ()) -> dict:
     from ..reference.synthetic import build_random
     from ..reference.timing import time_reference
     from ..vocab import LlamaTokenizer
 
     artifacts = load_artifacts(options.artifacts, verify=False)
     tokenizer = LlamaTokenizer(artifacts.root / "vocab.gguf")
-    seed = artifacts.manifest["source"].get("seed")
-    if seed is None:
+    source = artifacts.manifest["source"]
+    if source.get("seed") is None:
         raise ArtifactError(f"{options.artifacts} holds a user's checkpoints: --reference rebuilds the reference "
                             "from the seed of random-weight exports only (use --preset, or --random-weights)")
-    reference = build_random(spec, tokenizer, seed=seed)
-    reference = _on_gpu(reference)
+    drawn_on = source.get("drawn_on", "cpu")
+    if drawn_on == "cuda" and not _cuda_available():
+        raise ArtifactError(f"{options.artifacts} was exported with weights drawn on CUDA; the reference can only "
+                            "be rebuilt from its seed on a GPU (or re-export on this machine)")
+    reference = _on_gpu(build_random(spec, tokenizer, seed=source["seed"], device=drawn_on))
     time_reference(reference, items[:1], options.subtitle)   # warm-up
     rows = time_reference(reference, items, options.subtitle)
     summary = {k: stats([r[k] for r in rows]) for k in rows[0]}
     summary["estimates_per_s"] = 1000.0 / summary["window_ms"]["mean"]
+    if runtime_probabilities:
+        summary["runtime_vs_reference"] = agreement(reference, spec, items, runtime_probabilities, options.subtitle,
+                                                    artifacts.manifest["prompt"]["layout"])
     return summary
+
+
+def agreement(reference, spec: ModelSpec, items: list, probabilities: list, subtitle: str, layout: str) -> dict:
+    """The runtime's label distributions (as configured: e.g. fp16 ONNX + F16 GGUF on a GPU) against the reference
+    as timed (fp16 eager on a GPU) on the same windows: top-label agreement and KL(reference || runtime)."""
+    from ..reference.timing import preprocessed
+
+    same, kl = 0, []
+    for item, got in zip(items, probabilities):
+        want = reference.label_distribution(reference.media_block(preprocessed(item, spec)), subtitle, layout)
+        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        same += int(np.argmax(want) == np.argmax(got))
+        kl.append(float(np.sum(want * (np.log(want + 1e-30) - np.log(got + 1e-30)))))
+    return {"windows": len(kl), "top_label_agreement": same / len(kl), "kl_mean": float(np.mean(kl)),
+            "kl_max": float(np.max(kl))}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _on_gpu(reference):
@@ -211,36 +259,60 @@ def run_bench(options: BenchOptions) -> dict:
     spec = get_preset(artifacts.preset)
     rng = np.random.default_rng(0)
     items = synthetic_windows(spec, rng, options.windows)
-    encoders = EncoderStage(artifacts, options.precision, None, options.threads)
-    # steady state: consecutive windows share (W - H) / W of their frames, whose MAE rows are reused
+    encoders = EncoderStage(artifacts, options.precision, list(options.providers), options.threads)
 
     llm = LlmStage(artifacts, options.quant, options.threads or None, options.n_gpu_layers)
     encoders.warmup()
     llm.warmup()
+    gpu_loaded, probabilities = _gpu_memory_mb(), []
     report = {"preset": spec.name, "artifacts": str(options.artifacts), "device_class": device_class(),
               "machine": _machine(), "tools": tool_versions(), "windows": options.windows,
-              "runtime": {"precision": options.precision, "quant": options.quant, "threads": options.threads},
-              "stage_latency_ms": stage_latency(encoders, llm, items, options.subtitle)}
+              "runtime": {"precision": options.precision, "quant": options.quant, "threads": options.threads,
+                          "n_gpu_layers": options.n_gpu_layers, "providers": list(encoders.encoders.providers),
+                          "encoder_providers": dict(encoders.encoders.session_providers)},
+              "stage_latency_ms": stage_latency(encoders, llm, items, options.subtitle, probabilities),
+              "errors": {}}
+    # steady state: consecutive windows share (W - H) / W of their frames, whose MAE rows are reused
     report["mae_frames_reused"] = encoders.frames_reused
-    report["llm_by_quant_ms"] = quant_latency(options, encoders, items)
+    report["gpu_memory_runtime_mb"] = gpu_loaded
+    _section(report, "llm_by_quant_ms", lambda: quant_latency(options, encoders, items), options.progress)
     if options.sweep:
-        report["scaling"] = scaling(options, spec, encoders, llm)
+        _section(report, "scaling", lambda: scaling(options, spec, encoders, llm), options.progress)
     encoders.close()
     llm.close()
     report["pipelined"] = pipelined_throughput(options, items)
+    _section(report, "paced", lambda: pipelined_throughput(options, items[:12], interval_s=PACED_HOP_S),
+             options.progress)
     if options.clip:
-        report["clip"] = clip_run(options)
-    if options.reference:
-        report["reference"] = reference_timings(options, spec, items)
+        _section(report, "clip", lambda: clip_run(options), options.progress)
+    if options.reference and _section(report, "reference",
+                                      lambda: reference_timings(options, spec, items, probabilities), options.progress):
         report["ratios"] = _ratios(report)
     report["peak_ram_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    report["peak_gpu_mb"] = _gpu_memory_mb()
+    report["gpu_memory_end_mb"] = _gpu_memory_mb()
     if options.reference:
         from ..reference.timing import peak_gpu_bytes
 
         gpu = peak_gpu_bytes()
         report["reference_peak_gpu_mb"] = None if gpu is None else gpu / 2**20
     return report
+
+
+def _section(report: dict, name: str, measure, progress: str | None = None) -> bool:
+    """An optional figure: a failure is recorded under report["errors"] (and makes the command exit 1)
+    instead of losing the figures already taken, which matters on a machine lent for minutes."""
+    ok = True
+    try:
+        report[name] = measure()
+    except Exception as exc:   # noqa: BLE001 - reported, not swallowed
+        import logging
+
+        logging.getLogger(__name__).exception("bench section %s failed", name)
+        report["errors"][name] = f"{type(exc).__name__}: {exc}"
+        ok = False
+    if progress:
+        write_report({**report, "complete": False}, Path(progress))
+    return ok
 
 
 def _ratios(report: dict) -> dict:
@@ -275,11 +347,17 @@ def format_report(report: dict) -> str:
              f"{'stage':24} {'p50 ms':>10} {'p95 ms':>10}"]
     for name, s in report["stage_latency_ms"].items():
         lines.append(f"{name:24} {s['p50']:10.2f} {s['p95']:10.2f}")
-    for quant, s in report["llm_by_quant_ms"].items():
+    for quant, s in report.get("llm_by_quant_ms", {}).items():
         lines.append(f"{'llm ' + quant:24} {s['p50']:10.2f} {s['p95']:10.2f}")
     p = report["pipelined"]
+    handoff = p.get("handoff_to_publish_ms")
+    handoff_text = f", hand-off to publish p50 {handoff['p50']:.1f} ms p95 {handoff['p95']:.1f} ms" if handoff else ""
     lines.append(f"pipelined (encode|llm|publish threads): {p['estimates_per_s']:.2f} estimates/s "
-                 f"({p['published']} windows in {p['seconds']:.2f} s)")
+                 f"({p['published']} windows in {p['seconds']:.2f} s){handoff_text}")
+    paced = (report.get("paced") or {}).get("handoff_to_publish_ms")
+    if paced:
+        lines.append(f"paced (a window every {PACED_HOP_S} s): hand-off to publish p50 {paced['p50']:.1f} ms "
+                     f"p95 {paced['p95']:.1f} ms")
     for mode in ("fast", "realtime"):
         c = report.get("clip", {}).get(mode)
         if c:
@@ -293,18 +371,28 @@ def format_report(report: dict) -> str:
                      f"{r['estimates_per_s']:.2f} estimates/s")
         lines.append(f"ratios: window latency {x['window_latency_x']:.2f}x, encoders {x['encoders_latency_x']:.2f}x, "
                      f"llm {x['llm_latency_x']:.2f}x, sustained throughput {x['throughput_x']:.2f}x")
+        a = r.get("runtime_vs_reference")
+        if a:
+            lines.append(f"runtime vs reference labels: top label {a['top_label_agreement']:.0%} of {a['windows']} "
+                         f"windows, KL mean {a['kl_mean']:.1e} max {a['kl_max']:.1e}")
     for row in report.get("scaling", []):
         lines.append(f"scaling W={row['window_s']:.0f}s: frames {row['face_frames']}, window {row['window_ms']:.1f} ms, "
                      f"bound {row['pipelined_estimates_per_s']:.1f}/s with stages on separate units, "
                      f"min hop {row['min_hop_s']:.3f} s")
-    lines.append(f"peak RAM {report['peak_ram_mb']:.0f} MB, GPU memory "
-                 f"{'n/a (no GPU)' if report['peak_gpu_mb'] is None else str(report['peak_gpu_mb']) + ' MB'}")
+    gpu = report.get("gpu_memory_runtime_mb")
+    lines.append(f"peak RAM {report['peak_ram_mb']:.0f} MB, GPU memory with the runtime loaded "
+                 f"{'n/a (no GPU)' if gpu is None else f'{gpu:.0f} MB'}")
+    for name, error in report.get("errors", {}).items():
+        lines.append(f"FAILED {name}: {error}")
     return "\n".join(lines)
 
 
 def write_report(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    report = {"complete": True, **report}
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(report, indent=2))
+    os.replace(temporary, path)
     if report.get("scaling"):
         path.with_suffix(".svg").write_text(scaling_svg(report["scaling"], report["preset"]))
 

@@ -34,8 +34,10 @@ class LlamaCppScorer:
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
-                 verbose: bool = False, share_model: "LlamaCppScorer | None" = None):
-        """``share_model``: a second context on another scorer's weights (which must outlive this one)."""
+                 verbose: bool = False, share_model: "LlamaCppScorer | None" = None, offload: bool = True):
+        """``share_model``: a second context on another scorer's weights (which must outlive this one).
+        ``offload=False``: everything on the CPU, even in a GPU build (llama.cpp otherwise sends large
+        batches of CPU-resident layers to the GPU); export validation uses it to check the weights alone."""
         lc = self._lc = require("llama_cpp")
         self._model = self._ctx = None
         if flash_attn not in FLASH_ATTN or kv_type not in KV_TYPES:
@@ -43,8 +45,10 @@ class LlamaCppScorer:
                               f"and one of {sorted(KV_TYPES)}")
         quiet_llama_cpp(verbose)
         self._owns_model = share_model is None
-        self._model = self._load_model(gguf_path, n_gpu_layers) if share_model is None else share_model._model
+        self._model = (self._load_model(gguf_path, n_gpu_layers if offload else 0) if share_model is None
+                       else share_model._model)
         cparams = self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type)
+        cparams.op_offload = cparams.offload_kqv = offload
         self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {gguf_path} (n_ctx={n_ctx})")

@@ -51,15 +51,24 @@ def sample_clip(tmp_path_factory):
     return write_sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4", seconds=4.0)
 
 
-def free_port() -> int:
+def free_ports(count: int) -> list:
+    """Ports the OS chose, all different (the sockets stay bound until every port is chosen)."""
+    import contextlib
     import socket
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 @pytest.fixture
 def endpoints():
     """Fresh loopback TCP endpoints for one test (publish, control), ports chosen by the OS."""
-    return f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    publish, control = free_ports(2)
+    return f"tcp://127.0.0.1:{publish}", f"tcp://127.0.0.1:{control}"

@@ -51,6 +51,25 @@ def test_tampered_artifact_is_refused(tiny_export, tmp_path):
         load_artifacts(copy)
 
 
+def test_verified_files_are_hashed_again_only_when_they_change(tiny_export, tmp_path, monkeypatch):
+    from edge_emollama.runtime import artifacts
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    load_artifacts(copy)
+    assert (copy / artifacts.VERIFIED).is_file()
+    hashed, real = [], artifacts.sha256
+    monkeypatch.setattr(artifacts, "sha256", lambda path, *a: hashed.append(path) or real(path, *a))
+    load_artifacts(copy)
+    assert hashed == []    # size and modification time as recorded: not hashed again (the full size is ~25 GB)
+    target = copy / "onnx" / "mae.onnx"
+    data = target.read_bytes()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))   # same size, new content
+    with pytest.raises(ArtifactError, match="mae.onnx differs.*re-export"):
+        load_artifacts(copy)
+    assert target in hashed
+
+
 def test_failed_export_leaves_nothing_that_looks_finished(tmp_path, monkeypatch, capsys):
     from edge_emollama.export import formats
 
@@ -78,3 +97,38 @@ def test_bad_requests_get_one_clear_error(tmp_path, capsys):
     assert main(["export", "--preset", "tiny", "--out", str(blocker / "sub"), "--formats", "onnx"]) == 2
     assert "cannot write" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_too_little_disk_space_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    from collections import namedtuple
+
+    from edge_emollama.export import pipeline
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "tiny"
+    assert main(["export", "--preset", "tiny", "--out", str(out), "--formats", "onnx", "gguf"]) == 2
+    assert "the export needs about" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_space_estimate_covers_the_full_size_formats(tmp_path):
+    """The emotion-llama estimate (built on the meta device: no memory) for ONNX fp32 + fp16 and F16 + Q4_K_M:
+    what the H200 export wrote (23.5 GB without Q4_K_M) plus Q4_K_M's ~4 GB, with margin, under a 64 GB disk."""
+    import torch
+
+    from edge_emollama.config import load_config
+    from edge_emollama.export.context import ExportContext
+    from edge_emollama.export.formats import plan
+    from edge_emollama.export.pipeline import space_needed
+    from edge_emollama.reference.model import EmotionLlamaReference
+    from edge_emollama.spec import EMOTION_LLAMA
+    from edge_emollama.vocab import LlamaTokenizer, tiny_vocab, write_vocab_gguf
+
+    tokenizer = LlamaTokenizer(write_vocab_gguf(tiny_vocab(), tmp_path / "vocab.gguf"))
+    with torch.device("meta"):
+        reference = EmotionLlamaReference(EMOTION_LLAMA, tokenizer)
+    cfg = load_config(overrides={"export.quant": ["Q4_K_M"]})
+    formats, _ = plan(["onnx", "onnx-fp16", "gguf"])
+    needed = space_needed(ExportContext(cfg, EMOTION_LLAMA, reference, None, None, None, {}), formats)
+    assert 28e9 < needed < 45e9

@@ -37,3 +37,24 @@ def test_metadata_and_dynamic_axes_are_recorded(exported):
     audio = onnx.load(str(exported["hubert"]["fp16"]))
     assert audio.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT   # fp32 I/O kept
     assert audio.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "samples"
+
+
+def test_models_over_the_protobuf_limit_convert_with_float32_convolutions(tmp_path, tiny_reference, monkeypatch):
+    """The >2 GB route (weights in one external .data file, file-based type inference), forced at tiny size:
+    the fp16 graph keeps every Conv in float32 (cuDNN had no fp16 engine for VideoMAE's Conv3d on an H200)
+    and still matches PyTorch; the trace folder is gone."""
+    from edge_emollama.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    module = tiny_reference.export_units()["videomae"]
+    fp32, data = export_branch(module, "videomae", TINY, tmp_path / "videomae.onnx", 17, {"preset": "tiny"})
+    fp16, data16 = convert_fp16(fp32, tmp_path / "videomae.fp16.onnx", {"preset": "tiny"})
+    assert data.name == "videomae.onnx.data" and data16.name == "videomae.fp16.onnx.data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (fp32, data, fp16, data16))
+    graph = onnx.load(str(fp16)).graph
+    initializers = {i.name: i.data_type for i in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(initializers.get(n.input[1]) == onnx.TensorProto.FLOAT for n in convs)
+    assert any(t == onnx.TensorProto.FLOAT16 for t in initializers.values())
+    row = encoder_parity(tiny_reference, TINY, "videomae", "fp16", fp16, np.random.default_rng(), trials=2)
+    assert 0 < row["max_rel_err"] <= ENCODER_LIMITS["fp16"], row

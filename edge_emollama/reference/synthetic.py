@@ -22,28 +22,33 @@ from .vit import resize_pos_embed
 def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
     """Weights that give peaked, input-dependent outputs (default inits make near-uniform labels)."""
     for name, param in module.named_parameters():
+        noise = torch.randn(param.shape, generator=generator, device=generator.device)
         if param.ndim >= 2 and "embed_tokens" in name:
-            param.copy_(torch.randn(param.shape, generator=generator))
+            param.copy_(noise)
         elif param.ndim >= 2:
-            fan_in = math.prod(param.shape[1:])
-            param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+            param.copy_(noise / math.sqrt(math.prod(param.shape[1:])))
         elif name.endswith("weight") and ("norm" in name or "ln_" in name or "layer_norm" in name):
-            param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            param.copy_(1.0 + 0.1 * noise)
         else:
-            param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+            param.copy_(0.1 * noise)
 
 
-def random_parts(spec: ModelSpec, tokenizer, seed: int = 0):
-    """(base model before the LoRA merge, LoRA adapters, the EVA position table at checkpoint size)."""
+def random_parts(spec: ModelSpec, tokenizer, seed: int = 0, device: str = "cpu"):
+    """(base model before the LoRA merge, LoRA adapters, the EVA position table at checkpoint size).
+
+    ``device``: where the model is built and the numbers drawn. A seed gives the same weights on every
+    machine of one device kind; CPU and CUDA draws differ (the manifest records which one was used).
+    Building on CUDA takes seconds at full size, against minutes on a CPU."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = EmotionLlamaReference(spec, tokenizer)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device(device):
+        model = EmotionLlamaReference(spec, tokenizer)
     randomize_(model, generator)
     with torch.no_grad():
         lm_head = model.llama_model.lm_head.weight
         lm_head.mul_(4.0)   # a sharper next-token distribution, so label choices are decisive
     half = max(spec.eva.grid // 2, 1)   # the real eva_vit_g.pth is 224 px (16x16) for a 448 px model
-    pos_small = 0.5 * torch.randn(1, half * half + 1, spec.eva.dim, generator=generator)
+    pos_small = 0.5 * torch.randn(1, half * half + 1, spec.eva.dim, generator=generator, device=device)
     with torch.no_grad():
         model.visual_encoder.pos_embed.copy_(resize_pos_embed(pos_small, spec.eva.grid))
     adapters = {}
@@ -51,15 +56,16 @@ def random_parts(spec: ModelSpec, tokenizer, seed: int = 0):
     for layer in range(spec.llama.layers):
         for target in spec.lora.targets:
             out = spec.llama.hidden if target == "q_proj" else kv
-            a = torch.randn(spec.lora.r, spec.llama.hidden, generator=generator) / math.sqrt(spec.llama.hidden)
-            b = torch.randn(out, spec.lora.r, generator=generator) / math.sqrt(spec.lora.r)
+            a = torch.randn(spec.lora.r, spec.llama.hidden, generator=generator, device=device)
+            b = torch.randn(out, spec.lora.r, generator=generator, device=device)
+            a, b = a / math.sqrt(spec.llama.hidden), b / math.sqrt(spec.lora.r)
             adapters[(layer, target)] = (a, b)
     return model, adapters, pos_small
 
 
-def build_random(spec: ModelSpec, tokenizer, seed: int = 0) -> EmotionLlamaReference:
+def build_random(spec: ModelSpec, tokenizer, seed: int = 0, device: str = "cpu") -> EmotionLlamaReference:
     """The reference with seeded random weights and the LoRA merged (what the checkpoints would load to)."""
-    model, adapters, _ = random_parts(spec, tokenizer, seed)
+    model, adapters, _ = random_parts(spec, tokenizer, seed, device)
     merge_lora(model.llama_model, spec.lora, adapters)
     return model.eval()
 

@@ -23,7 +23,8 @@ def time_reference(reference, windows: list, subtitle: str, decode_tokens: int =
         _sync(device)
         encoded = time.perf_counter()
         embeds = reference._embed(parts, media)[None].to(device)
-        reference.llama_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        reference.llama_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                        max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
                                        pad_token_id=0)
         _sync(device)
