@@ -1,6 +1,7 @@
 """Where the export's reference model comes from: a user's checkpoints, or seeded random weights."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..checkpoints import CheckpointPaths
@@ -10,20 +11,41 @@ from ..spec import ModelSpec
 from ..vocab import LlamaTokenizer, tiny_vocab, vocab_from_sentencepiece, write_vocab_gguf
 
 
+log = logging.getLogger(__name__)
+
+
 def load_model(cfg: Config, spec: ModelSpec, staging: Path, random_weights: bool) -> tuple:
     """(reference, tokenizer, vocab, provenance) for the configured preset, on ``export.device``."""
-    device = export_device(cfg.export.device)
+    device = export_device(cfg.export.device, spec)
     reference, tokenizer, vocab, provenance = _load(cfg, spec, staging, random_weights, device)
     return reference.to(device), tokenizer, vocab, provenance
 
 
-def export_device(device: str) -> str:
-    """``auto``: CUDA when torch sees a GPU (the 7B reference checks take minutes per window on a CPU).
-    On CUDA, TF32 is switched off: the fp32 parity limit (1e-4) is below TF32's rounding."""
+def reference_bytes(spec: ModelSpec) -> int:
+    """The fp32 reference's parameter bytes (counted on the meta device: nothing is allocated)."""
+    import torch
+
+    from ..reference.model import EmotionLlamaReference
+
+    with torch.device("meta"):
+        return 4 * sum(p.numel() for p in EmotionLlamaReference(spec, None).parameters())
+
+
+def export_device(device: str, spec: ModelSpec | None = None) -> str:
+    """``auto``: CUDA when torch sees a GPU with room for the fp32 reference (the 7B checks take minutes per
+    window on a CPU; the full-size reference needs ~36 GB), else the CPU. On CUDA, TF32 is switched off: the
+    fp32 parity limit (1e-4) is below TF32's rounding."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and spec is not None:
+            free, _ = torch.cuda.mem_get_info()
+            needed = int(1.2 * reference_bytes(spec))
+            if free < needed:
+                log.warning("the GPU has %.1f GB free and the fp32 reference needs about %.1f GB: exporting on "
+                            "the CPU (slow at full size; set export.device to choose)", free / 1e9, needed / 1e9)
+                device = "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("export.device is cuda but torch sees no GPU: install a CUDA build of torch or use cpu")
     if device == "cuda":

@@ -179,9 +179,8 @@ def reference_timings(options: BenchOptions, spec: ModelSpec, items: list,
         raise ArtifactError(f"{options.artifacts} holds a user's checkpoints: --reference rebuilds the reference "
                             "from the seed of random-weight exports only (use --preset, or --random-weights)")
     drawn_on = source.get("drawn_on", "cpu")
-    if drawn_on == "cuda" and not _cuda_available():
-        raise ArtifactError(f"{options.artifacts} was exported with weights drawn on CUDA; the reference can only "
-                            "be rebuilt from its seed on a GPU (or re-export on this machine)")
+    if drawn_on == "cuda":
+        _check_gpu_room(options.artifacts, spec)
     reference = _on_gpu(build_random(spec, tokenizer, seed=source["seed"], device=drawn_on))
     time_reference(reference, items[:1], options.subtitle)   # warm-up
     rows = time_reference(reference, items, options.subtitle)
@@ -208,10 +207,19 @@ def agreement(reference, spec: ModelSpec, items: list, probabilities: list, subt
             "kl_max": float(np.max(kl))}
 
 
-def _cuda_available() -> bool:
+def _check_gpu_room(artifacts: str, spec: ModelSpec) -> None:
+    """Weights drawn on CUDA can only be drawn again there, in fp32 (then halved for timing)."""
     import torch
 
-    return torch.cuda.is_available()
+    from ..export.sources import reference_bytes
+
+    if not torch.cuda.is_available():
+        raise ArtifactError(f"{artifacts} was exported with weights drawn on CUDA; the reference can only be "
+                            "rebuilt from its seed on a GPU (or re-export on this machine)")
+    free, needed = torch.cuda.mem_get_info()[0], reference_bytes(spec)
+    if free < 1.1 * needed:
+        raise ArtifactError(f"--reference draws the fp32 reference on the GPU: about {needed / 1e9:.0f} GB, and "
+                            f"{free / 1e9:.0f} GB are free; run it on a larger GPU or leave out --reference")
 
 
 def _on_gpu(reference):

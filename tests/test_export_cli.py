@@ -34,6 +34,7 @@ def test_validation_report_meets_the_stated_tolerances(tiny_export):
     assert len(report["encoders"]) == 8 and all(r["passed"] for r in report["encoders"])
     rows = {r["quant"]: r for r in report["llm"]}
     assert rows["F16"]["windows"] == 100 and rows["F16"]["top_label_agreement"] == 1.0
+    assert rows["F16"]["decisive_windows"] >= 80   # the gates see most windows (near-ties: top two < 0.05 apart)
     assert rows["F16"]["kl_max"] < 1e-3
     assert rows["Q8_0"]["top_label_agreement"] >= 0.99
     assert "Q4_K_M" in rows
@@ -132,3 +133,6 @@ def test_space_estimate_covers_the_full_size_formats(tmp_path):
     formats, _ = plan(["onnx", "onnx-fp16", "gguf"])
     needed = space_needed(ExportContext(cfg, EMOTION_LLAMA, reference, None, None, None, {}), formats)
     assert 28e9 < needed < 45e9
+    from edge_emollama.export.sources import reference_bytes
+
+    assert reference_bytes(EMOTION_LLAMA) == 4 * sum(p.numel() for p in reference.parameters())   # ~35 GB
