@@ -103,17 +103,11 @@ def pipelined_throughput(options: BenchOptions, items: list, interval_s: float =
     latency from being handed to the encode stage to being published. ``interval_s`` 0: as fast as they go
     (throughput; latency then includes queueing); else one window per interval, as a live source hands
     them over (the hop), which gives the live latency without capture, decoding and face detection."""
-    from .control import ControlOptions
-    from .pipeline import Pipeline, RunOptions
-    from .publish import PublisherOptions
+    from .pipeline import Pipeline
 
     handed, latencies = {}, []
-    run = RunOptions(artifacts=options.artifacts, stages=("encode", "llm", "publish"),
-                     threads=options.threads, precision=options.precision, quant=options.quant,
-                     n_gpu_layers=options.n_gpu_layers, providers=list(options.providers), reasoning=False,
-                     lossless=True, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
-                     control=ControlOptions(endpoint="tcp://127.0.0.1:*"),
-                     on_estimate=lambda fused, item: latencies.append((now_ns() - handed[item["index"]]) / 1e6))
+    run = _run_options(options, stages=("encode", "llm", "publish"), lossless=True,
+                       on_estimate=lambda fused, item: latencies.append((now_ns() - handed[item["index"]]) / 1e6))
     pipeline = Pipeline(run)
     producer = Producer(LinkOptions(pipeline.links["windows"], sndhwm=2))
     pipeline.start()
@@ -136,23 +130,29 @@ def pipelined_throughput(options: BenchOptions, items: list, interval_s: float =
             "handoff_to_publish_ms": stats(latencies) if latencies else None}
 
 
+def _run_options(options: BenchOptions, **extra):
+    """The runtime's options as benchmarked (precision, quant, GPU layers, providers), on free loopback ports."""
+    from .control import ControlOptions
+    from .pipeline import RunOptions
+    from .publish import PublisherOptions
+
+    return RunOptions(artifacts=options.artifacts, threads=options.threads, precision=options.precision,
+                      quant=options.quant, n_gpu_layers=options.n_gpu_layers, providers=list(options.providers),
+                      reasoning=False, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
+                      control=ControlOptions(endpoint="tcp://127.0.0.1:*"), **extra)
+
+
 def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
     """The whole runtime on the generated sample clip: as fast as possible, then in real time."""
-    from .control import ControlOptions
-    from .pipeline import Pipeline, RunOptions
-    from .publish import PublisherOptions
+    from .pipeline import Pipeline
     from .sample_clip import write_sample_clip
 
     clip = write_sample_clip(Path(tempfile.mkdtemp(prefix="edge-emollama-bench-")) / "clip.mp4", seconds=seconds)
     result = {"clip_s": seconds}
     for mode, realtime in (("fast", False), ("realtime", True)):
         latencies = []
-        run = RunOptions(artifacts=options.artifacts, video=str(clip), realtime=realtime, threads=options.threads,
-                         precision=options.precision, quant=options.quant, n_gpu_layers=options.n_gpu_layers,
-                         providers=list(options.providers), reasoning=False,
-                         publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
-                         control=ControlOptions(endpoint="tcp://127.0.0.1:*"),
-                         on_estimate=lambda fused, item: latencies.append((now_ns() - item["t1_ns"]) / 1e6))
+        run = _run_options(options, video=str(clip), realtime=realtime,
+                           on_estimate=lambda fused, item: latencies.append((now_ns() - item["t1_ns"]) / 1e6))
         pipeline = Pipeline(run).start()
         start = time.perf_counter()
         pipeline.wait(timeout_s=600)

@@ -1,6 +1,7 @@
 """The four encoder branches through ONNX Runtime (sessions created once per branch)."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -26,6 +27,7 @@ def choose_providers(wanted: list) -> list:
     return chosen
 
 
+@functools.lru_cache(maxsize=None)
 def _libraries_load(provider: str) -> bool:
     """TensorRT: libnvinfer loads (pip install tensorrt, or JetPack's). CUDA: onnxruntime's preload of the CUDA
     and cuDNN libraries of the nvidia-* wheels (a no-op where they come from the system) succeeds."""
