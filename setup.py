@@ -29,9 +29,10 @@ setup(
     version=VERSION,
     description="Emotion-LLaMA on the edge: ONNX/TensorRT/GGUF export and a ZeroMQ streaming runtime",
     python_requires=">=3.10",
-    packages=["edge_emollama", "edge_emollama.reference", "edge_emollama.export", "edge_emollama.runtime"],
+    packages=["edge_emollama", "edge_emollama.reference", "edge_emollama.tools", "edge_emollama.export",
+              "edge_emollama.runtime"],
     package_dir={"edge_emollama.export": "export", "edge_emollama.runtime": "runtime"},
-    package_data={"edge_emollama.runtime": ["schema/*.json"]},
+    package_data={"edge_emollama": ["schema/*.json"]},
     install_requires=RUNTIME,
     extras_require={
         "export": EXPORT,

@@ -1,80 +1,229 @@
-"""The ``edge-emollama`` command: export, run, listen, bench."""
+"""The ``edge-emollama`` command: every parser is built here; the commands themselves are in commands.py.
+
+- Global options (``--config``, ``-v``, ``--log``) are accepted before or after the subcommand.
+- An option that sets configuration names its key where it is declared (:func:`_setting`); the parsed values
+  become ``load_config`` overrides, so a flag and a config.yaml key can never mean different things.
+- Exit status: 0 done, 2 bad input (one line naming the thing and the fix), 1 an internal error (a bug: its
+  traceback under ``-v`` and in the ``--log`` file), 130 interrupted.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
+from . import commands
+from .config import load_config
 from .errors import EdgeEmollamaError
 
 log = logging.getLogger("edge_emollama")
+SETTING = "setting:"     # dest prefix of the options that set a configuration key
+_HANDLERS: list = []     # the log handlers main() installed (replaced on the next call)
 
 
-def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="checkpoints -> ONNX / TensorRT / GGUF artifacts + manifest")
-    p.add_argument("--preset", help="tiny | emotion-llama (default: model.preset)")
-    p.add_argument("--checkpoints", help="folder with the user's checkpoint files (docs/checkpoints.md)")
-    p.add_argument("--out", help="output folder (default: export.out)")
-    p.add_argument("--formats", nargs="+", help="onnx onnx-fp16 tensorrt gguf, or auto (default)")
-    p.add_argument("--quant", nargs="*", help="GGUF quantizations besides F16 (default: Q8_0 Q4_K_M)")
-    p.add_argument("--features", choices=("real", "zeros"), help="MAE and VideoMAE features real or zeros")
+def _setting(parser, *flags, key, **kwargs):
+    """An option whose value overrides the configuration key ``key`` (a tuple sets several to one value)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    dest = SETTING + ",".join(keys)
+    if not flags[0].startswith("-"):   # a positional: its name is its dest
+        kwargs.setdefault("metavar", flags[0].upper())
+        return parser.add_argument(dest, **kwargs)
+    kwargs.setdefault("dest", dest)
+    if kwargs.get("action") not in ("store_true", "store_false", "store_const"):
+        kwargs.setdefault("metavar", flags[-1].lstrip("-").upper().replace("-", "_"))
+    return parser.add_argument(*flags, **kwargs)
+
+
+def _links(text: str) -> tuple:
+    name, _, endpoint = text.partition("=")
+    if not name or not endpoint:
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=ENDPOINT, e.g. rows=tcp://127.0.0.1:6001")
+    return name, endpoint
+
+
+def _stage_list(text: str) -> list:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _endpoints(p, publish: bool = True, control: bool = True) -> None:
+    if publish:
+        _setting(p, "--publish", key="runtime.publish.endpoint", help="PUB endpoint (default: runtime.publish.endpoint)")
+    if control:
+        _setting(p, "--control", key="runtime.control.endpoint",
+                 help="control endpoint (default: runtime.control.endpoint)")
+
+
+def _export_parser(sub, common) -> None:
+    p = sub.add_parser("export", parents=[common], help="checkpoints -> ONNX / TensorRT / GGUF artifacts + manifest")
+    _setting(p, "--preset", key="model.preset", help="tiny | mid | emotion-llama (default: model.preset)")
+    _setting(p, "--checkpoints", key="export.checkpoints.folder",
+             help="folder with the user's checkpoint files (docs/checkpoints.md)")
+    _setting(p, "--out", key="export.out", help="output folder (default: export.out, or artifacts/PRESET)")
+    _setting(p, "--formats", key="export.formats", nargs="+", help="onnx onnx-fp16 tensorrt gguf, or auto (default)")
+    _setting(p, "--quant", key="export.quant", nargs="*", help="GGUF quantizations besides F16 (default: Q8_0 Q4_K_M)")
+    _setting(p, "--features", key=("model.features.mae", "model.features.videomae"), choices=("real", "zeros"),
+             help="MAE and VideoMAE features real or zeros")
+    _setting(p, "--seed", key="export.validation.seed", type=int,
+             help="validation seed (default: fresh each run, recorded in the report)")
     p.add_argument("--random-weights", action="store_true", help="seeded random weights (speed checks, no checkpoints)")
     p.add_argument("--validate", action="store_true", help="full parity report (100 windows) saved beside the manifest")
-    p.add_argument("--seed", type=int, help="validation seed (default: fresh each run, recorded in the report)")
 
 
-def _cmd_export(args, cfg) -> int:
-    from .export.pipeline import export
+def _run_parser(sub, common) -> None:
+    p = sub.add_parser("run", parents=[common], help="camera/microphone/file -> emotion estimates on ZeroMQ")
+    src = p.add_argument_group("sources (at least one)")
+    _setting(src, "--camera", key="runtime.sources.camera", help="camera index, /dev/videoN or stream URL")
+    _setting(src, "--mic", key="runtime.sources.microphone", nargs="?", const="default",
+             help="microphone (PyAudio index or name; default input); with --camera the default input is used "
+                  "unless --no-mic")
+    src.add_argument("--no-mic", action="store_true", help="with --camera: video only")
+    _setting(src, "--video", key="runtime.sources.video", help="a video file with its audio track")
+    _setting(src, "--fast", key="runtime.sources.realtime", action="store_const", const=False,
+             help="file: as fast as possible, no window dropped")
+    _setting(src, "--no-audio", key="runtime.file.audio", action="store_const", const=False,
+             help="file: ignore its audio track (video only)")
+    _setting(src, "--no-video", key="runtime.file.video", action="store_const", const=False,
+             help="file: ignore its video track (audio only)")
+    _setting(p, "--artifacts", key="runtime.artifacts", help="exported folder (default: runtime.artifacts)")
+    _endpoints(p)
+    _setting(p, "--subtitle", key="runtime.subtitle", help="transcript line fed to the prompt")
+    _setting(p, "--stages", key="runtime.stages", type=_stage_list,
+             help="run only these stages here, e.g. capture,encode (default: capture,encode,llm,publish)")
+    p.add_argument("--link", action="append", type=_links, default=[], metavar="NAME=ENDPOINT",
+                   help="stage link endpoint (windows, rows, scores), e.g. rows=tcp://127.0.0.1:6001; the producing "
+                        "side binds, the consuming side connects (repeatable)")
+    p.add_argument("--max-windows", type=int, help="stop after this many windows")
+    p.add_argument("--quiet", action="store_true", help="do not print estimates")
 
-    out = export(cfg, validate=args.validate, random_weights=args.random_weights)
-    print(f"artifacts written to {out}")
-    return 0
+
+def _listen_parser(sub, common) -> None:
+    p = sub.add_parser("listen", parents=[common], help="subscribe, validate against the schema, print")
+    _setting(p, "endpoint", key="runtime.publish.endpoint", nargs="?", default=None,
+             help="publisher endpoint (default: runtime.publish.endpoint)")
+    p.add_argument("-n", "--count", type=int, help="stop after this many estimates")
+    p.add_argument("-t", "--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--status", action="store_true", help="also print the ~1 Hz status messages")
+    p.add_argument("--topic", action="append", help="subscribe to this topic prefix (repeatable; default all of v1)")
 
 
-def _overrides(args) -> dict:
-    o = {"model.preset": getattr(args, "preset", None), "export.out": getattr(args, "out", None),
-         "export.formats": getattr(args, "formats", None), "export.quant": getattr(args, "quant", None),
-         "export.checkpoints.folder": getattr(args, "checkpoints", None),
-         "export.validation.seed": getattr(args, "seed", None)}
-    if getattr(args, "features", None):
-        o["model.features.mae"] = o["model.features.videomae"] = args.features
-    if getattr(args, "preset", None) and not getattr(args, "out", None):
-        o["export.out"] = f"artifacts/{args.preset}"
-    return o
+def _explain_parser(sub, common) -> None:
+    p = sub.add_parser("explain", parents=[common],
+                       help="ask a running runtime for the [reason] explanation of the latest window")
+    _endpoints(p)
+    p.add_argument("--subtitle", help="transcript line to reason with")
+    p.add_argument("-t", "--timeout", type=float, default=30.0, help="seconds for the whole request (default 30)")
 
 
-def _commands() -> dict:
-    from . import commands as c
+def _demo_parser(sub, common) -> None:
+    p = sub.add_parser("demo", parents=[common],
+                       help="no camera, microphone, GPU or checkpoints: tiny preset on a generated clip")
+    p.add_argument("--artifacts", default="artifacts/tiny", help="where the tiny export lives (made if missing)")
+    p.add_argument("--clip", default="artifacts/sample-clip.mp4", help="sample clip (generated if missing)")
+    _endpoints(p)
 
-    return {"export": (_export_parser, _cmd_export), "run": (c.add_run_parser, c.cmd_run),
-            "listen": (c.add_listen_parser, c.cmd_listen), "explain": (c.add_explain_parser, c.cmd_explain),
-            "demo": (c.add_demo_parser, c.cmd_demo), "bench": (c.add_bench_parser, c.cmd_bench)}
+
+def _bench_parser(sub, common) -> None:
+    p = sub.add_parser("bench", parents=[common], help="per-stage latency, throughput, clip run; --reference "
+                                                        "side by side")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--preset", help="tiny | mid | emotion-llama: export into artifacts/bench-PRESET if missing")
+    where.add_argument("--artifacts", help="an exported folder")
+    p.add_argument("--random-weights", action="store_true", help="emotion-llama shapes with random weights")
+    p.add_argument("--reference", action="store_true", help="also time the PyTorch reference on the same inputs")
+    p.add_argument("--windows", type=int, default=20)
+    p.add_argument("--sweep", action="store_true", help="cost against window length (table + SVG plot)")
+    p.add_argument("--no-clip", action="store_true", help="skip the whole-runtime clip runs")
+    p.add_argument("--json", help="where to write the figures (default bench-results/bench-PRESET.json)")
+
+
+PARSERS = {"export": _export_parser, "run": _run_parser, "listen": _listen_parser, "explain": _explain_parser,
+           "demo": _demo_parser, "bench": _bench_parser}
+
+
+def _global_options(parser, suppress: bool) -> None:
+    default = (lambda value: argparse.SUPPRESS) if suppress else (lambda value: value)
+    parser.add_argument("--config", default=default(None), help="config.yaml (default: built-in defaults)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="debug logging, and the traceback of an internal error")
+    parser.add_argument("--log", default=default(None), metavar="FILE",
+                        help="also write the full log (debug level, tracebacks included) to FILE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-emollama", description=__doc__.split("\n")[0])
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)   # after the subcommand too, without resetting what came before
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in PARSERS.values():
+        add(sub, common)
+    return parser
+
+
+def overrides(args) -> dict:
+    """{config key: value} of every configuration option given on the command line."""
+    out = {}
+    for dest, value in vars(args).items():
+        if dest.startswith(SETTING) and value is not None:
+            for key in dest[len(SETTING):].split(","):
+                out[key] = value
+    if getattr(args, "link", None):
+        out["runtime.links"] = dict(args.link)
+    return out
+
+
+def _logging(args) -> None:
+    """Console at INFO (DEBUG with -v), and the --log file at DEBUG; ``None``: remove what was installed."""
+    root = logging.getLogger()
+    for handler in _HANDLERS:
+        root.removeHandler(handler)
+        handler.close()
+    _HANDLERS.clear()
+    if args is None:
+        return
+    root.setLevel(logging.DEBUG)
+    console = logging.StreamHandler()
+    console.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    handlers = [console]
+    if args.log:
+        handlers.append(logging.FileHandler(args.log))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        _HANDLERS.append(handler)
+    logging.getLogger("gguf").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
 
 def main(argv: list | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-emollama", description=__doc__)
-    parser.add_argument("--config", help="config.yaml (default: built-in defaults)")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = _commands()
-    for add, _ in commands.values():
-        add(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname).1s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("gguf").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    args = build_parser().parse_args(argv)
+    _logging(args)
     try:
-        from .config import load_config
+        return _dispatch(args)
+    finally:
+        _logging(None)   # the handlers this call installed go (main() can be called again in one process)
 
-        cfg = load_config(args.config, _overrides(args))
-        return commands[args.command][1](args, cfg)
+
+def _dispatch(args) -> int:
+    try:
+        args.settings = overrides(args)
+        cfg = load_config(args.config, args.settings)
+        return commands.COMMANDS[args.command](args, cfg)
     except EdgeEmollamaError as exc:
         print(f"edge-emollama {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"edge-emollama {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:   # a bug: never relabelled as bad input
+        log.debug("internal error in %s", args.command, exc_info=True)   # the --log file (and -v) keep it
+        print(f"edge-emollama {args.command}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not args.verbose:
+            print("this is a bug in edge-emollama: rerun with -v for the traceback and please report it",
+                  file=sys.stderr)
+        return 1
 
+
+__all__ = ["main", "build_parser", "overrides"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,26 +1,41 @@
 """Typed configuration loaded from config.yaml; unknown keys are rejected with a "did you mean".
 
-Every default lives in these dataclasses (config.yaml at the repository root documents the same
-values), so the runtime works with no file at all.
+Every default of the project lives in these dataclasses (config.yaml at the repository root documents the
+same values, and a test keeps the two identical), so everything works with no file at all. The runtime's
+stages take their section directly (``Fusion(cfg.runtime.fusion)``): there is no second options class to
+keep in step. Model facts (sample rate, crop size, frame count) are not configuration: they come from the
+preset (``spec.py``) through the manifest.
+
+- ``model``: what the export builds and records in the manifest (preset, prompt layout, feature modes,
+  window, EVA frame rule).
+- ``export``: where and how it is written.
+- ``runtime``: how the runtime runs an export. ``runtime.windows.window_s`` / ``hop_s`` / ``frame_rule`` are
+  null by default, meaning "as the manifest recorded"; a value overrides it, and the runtime logs that.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .spec import FEATURE_MODES, FRAME_RULES, LAYOUTS
 
+STAGES = ("capture", "encode", "llm", "publish")
+LINKS = ("windows", "rows", "scores")
+PRECISIONS = ("auto", "fp32", "fp16")
+QUANTS = ("auto", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
+SMOOTHING = ("ema", "moving_average", "none")
 
-def did_you_mean(word: str, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+
+def _choice(where: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} = '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
 
 
+# --- model and export ---------------------------------------------------------------------------------------
 @dataclass
 class FeatureConfig:
     """Per feature branch: ``real`` runs the encoder, ``zeros`` feeds a zero 1024-d feature (the demo's rule)."""
@@ -31,13 +46,35 @@ class FeatureConfig:
     def zeros(self) -> tuple:
         return tuple(name for name in ("mae", "videomae", "hubert") if getattr(self, name) == "zeros")
 
+    def validate(self) -> "FeatureConfig":
+        for name in ("mae", "videomae", "hubert"):
+            _choice(f"model.features.{name}", getattr(self, name), FEATURE_MODES)
+        return self
+
 
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
     layout: str = "inference"
-    frame_rule: str = "middle"
+    frame_rule: str = "middle"   # which frame of a window EVA sees: middle | first (the original) | last
+    window_s: float = 2.0        # the window the encoders see (justified in runtime/windows.py)
+    hop_s: float = 0.5           # one estimate per hop
     features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def validate(self) -> "ModelConfig":
+        _choice("model.layout", self.layout, LAYOUTS)
+        _choice("model.frame_rule", self.frame_rule, FRAME_RULES)
+        _check_span("model", self.window_s, self.hop_s)
+        self.features.validate()
+        return self
+
+
+def _check_span(where: str, window_s, hop_s) -> None:
+    if window_s is not None and not window_s > 0 or hop_s is not None and not hop_s > 0:
+        raise ConfigError(f"{where}.window_s = {window_s} and {where}.hop_s = {hop_s}: both must be > 0")
+    if window_s is not None and hop_s is not None and hop_s > window_s:
+        raise ConfigError(f"{where}.hop_s = {hop_s} > {where}.window_s = {window_s} would leave gaps: "
+                          "use hop_s <= window_s")
 
 
 @dataclass
@@ -69,28 +106,193 @@ class ExportConfig:
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    def validate(self) -> "ExportConfig":
+        _choice("export.device", self.device, ("auto", "cpu", "cuda"))
+        return self
+
+
+# --- runtime ------------------------------------------------------------------------------------------------
+@dataclass
+class SourcesConfig:
+    """What to capture: at least one of camera, microphone, video (the CLI's --camera/--mic/--video)."""
+    camera: str | None = None       # index, /dev/videoN or stream URL
+    microphone: str | None = None   # PyAudio device index or name; "default" for the default input
+    video: str | None = None        # a file with video and/or audio
+    realtime: bool = True           # a file is paced like a live source (false: as fast as possible, nothing lost)
+
+
+@dataclass
+class CameraConfig:
+    width: int | None = None        # requested from the driver (null: its default)
+    height: int | None = None
+    fps: float | None = None
+    ring_seconds: float = 4.0       # frames kept: W + 4 hops at the defaults
+    max_failed_reads: int = 30      # consecutive failed reads before the camera counts as lost
+
+
+@dataclass
+class MicrophoneConfig:
+    frames_per_buffer: int = 512    # 32 ms per callback at 16 kHz
+    ring_seconds: float = 30.0
+    latency_s: float | None = 0.0   # capture latency subtracted from the stamps (null: PortAudio's estimate,
+                                    # which over-states it by tens of ms through PulseAudio)
+
+
+@dataclass
+class FileConfig:
+    video: bool = True              # decode the video track (when the file has one)
+    audio: bool = True              # decode the audio track (when the file has one)
+    max_width: int | None = 960     # wider frames are scaled down (aspect kept) at decode
+    ring_seconds: float = 4.0
+    audio_ring_seconds: float = 30.0
+
+
+@dataclass
+class FaceConfig:
+    cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades, or a path
+    detect_width: int = 320         # frames are scaled down to this width for detection (speed)
+    scale_factor: float = 1.15      # 1.1 is OpenCV's usual step; 1.15 costs ~40 % less, same boxes here
+    min_neighbors: int = 5
+    min_size_frac: float = 0.1      # smallest face, as a fraction of the detection image's shorter side
+                                    # (24 px at 320x240: a face about 2.5 m from a 640x480 webcam)
+    cache_size: int = 512           # frames whose result is kept
+
+
+@dataclass
+class WindowConfig:
+    window_s: float | None = None   # null: as exported (manifest); a value overrides it (logged)
+    hop_s: float | None = None      # null: as exported
+    frame_rule: str | None = None   # null: as exported; middle | first | last
+    face_margin: float = 0.25       # crop side = largest box side * (1 + margin)
+    min_face_fraction: float = 0.3  # of the window's frames with a detected face -> face present
+    audio_rms_threshold: float = 0.01   # about -40 dBFS -> audio present
+    max_wait_s: float = 0.25        # live sources: how long after t1 a window waits for late data
+    start_timeout_s: float = 5.0    # how long the first window waits for every source's first data
+    drop_stale: bool | None = None  # skip to the newest ready window when behind (null: when all sources are live)
+
+    def validate(self) -> "WindowConfig":
+        _check_span("runtime.windows", self.window_s, self.hop_s)
+        if self.frame_rule is not None:
+            _choice("runtime.windows.frame_rule", self.frame_rule, FRAME_RULES)
+        if not 0.0 <= self.min_face_fraction <= 1.0:
+            raise ConfigError(f"runtime.windows.min_face_fraction = {self.min_face_fraction}: use a fraction in [0, 1]")
+        return self
+
+
+@dataclass
+class EncoderConfig:
+    providers: list = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                                     "CPUExecutionProvider"])
+    precision: str = "auto"         # fp32 | fp16 | auto (per device class, runtime/device.py)
+    threads: int = 0                # 0: all cores
+
+    def validate(self) -> "EncoderConfig":
+        _choice("runtime.encoders.precision", self.precision, PRECISIONS)
+        return self
+
+
+@dataclass
+class LlmConfig:
+    quant: str = "auto"             # the GGUF to load: F16 | Q8_0 | Q4_K_M (as exported) | auto
+    n_gpu_layers: int | None = None  # llama.cpp layers on the GPU (-1: all; null: per device class)
+    threads: int = 0                # 0: llama.cpp's choice (up to 8)
+    n_ctx: int = 2048               # context positions (capped at the model's)
+
+    def validate(self) -> "LlmConfig":
+        _choice("runtime.llm.quant", self.quant, QUANTS)
+        return self
+
+
+@dataclass
+class FusionConfig:
+    method: str = "ema"             # ema | moving_average | none (runtime/fusion.py)
+    time_constant_s: float = 1.5    # ema
+    average_windows: int = 4        # moving_average
+    switch_margin: float = 0.1      # hysteresis of the dominant label
+    switch_windows: int = 2
+
+    def validate(self) -> "FusionConfig":
+        _choice("runtime.fusion.method", self.method, SMOOTHING)
+        if self.method == "ema" and not self.time_constant_s > 0:
+            raise ConfigError(f"runtime.fusion.time_constant_s = {self.time_constant_s}: must be > 0 s for ema")
+        if self.average_windows < 1 or self.switch_windows < 1:
+            raise ConfigError("runtime.fusion.average_windows and switch_windows must be >= 1")
+        if not 0.0 <= self.switch_margin < 1.0:
+            raise ConfigError(f"runtime.fusion.switch_margin = {self.switch_margin}: use a difference in [0, 1)")
+        return self
+
+
+@dataclass
+class HeartbeatConfig:
+    """ZMTP heartbeats: a silent TCP peer is dropped after ``timeout_ms``."""
+    ivl_ms: int = 1000
+    timeout_ms: int = 3000
+    ttl_ms: int = 3000
+
+
+@dataclass
+class PublishConfig:
+    endpoint: str = "tcp://127.0.0.1:5555"
+    sndhwm: int = 16                 # messages per subscriber before the oldest are dropped (~8 s at 2 Hz)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    status_interval_s: float = 1.0
+    queue_size: int = 256            # pipeline -> sender thread
+    stall_s: float = 3.0             # status 'degraded' when no estimate for this long
+    latency_budget_ms: float | None = None  # status 'degraded' when the mean latency exceeds it
+
+    def validate(self) -> "PublishConfig":
+        if self.sndhwm < 1 or self.queue_size < 1:
+            raise ConfigError(f"runtime.publish.sndhwm = {self.sndhwm}, queue_size = {self.queue_size}: both must "
+                              "be >= 1")
+        if not self.status_interval_s > 0:
+            raise ConfigError(f"runtime.publish.status_interval_s = {self.status_interval_s}: must be > 0")
+        return self
+
+
+@dataclass
+class ControlConfig:
+    endpoint: str = "tcp://127.0.0.1:5556"
+    poll_ms: int = 100                # how often the loop checks for stop()
+    max_request_bytes: int = 65536    # larger messages disconnect the peer (ZMQ_MAXMSGSIZE)
+    sndhwm: int = 64
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+
+
+@dataclass
+class ReasoningConfig:
+    enabled: bool = True            # the explain verb: a second llama.cpp context for [reason] text
+    max_tokens: int = 96
+
 
 @dataclass
 class RuntimeConfig:
     artifacts: str = "artifacts/tiny"
-    window_s: float = 2.0
-    hop_s: float = 0.5
-    providers: list = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
-                                                     "CPUExecutionProvider"])
-    threads: int = 0            # 0: all cores
-    precision: str = "auto"     # ONNX encoders: fp32 | fp16 | auto (per device class, runtime/device.py)
-    quant: str = "auto"         # GGUF the LLM stage loads: F16 | Q8_0 | Q4_K_M (as exported) | auto
-    n_gpu_layers: int | None = None  # llama.cpp layers on the GPU (-1: all; null: per device class)
-    subtitle: str = ""          # the transcript line fed to the prompt (no ASR in the loop yet)
-    smoothing: str = "ema"
-    time_constant_s: float = 1.5
-    hysteresis_margin: float = 0.1
-    hysteresis_windows: int = 2
-    publish: str = "tcp://127.0.0.1:5555"
-    control: str = "tcp://127.0.0.1:5556"
-    sndhwm: int = 16
-    reasoning: bool = True      # the explain verb: a second llama.cpp instance for [reason] text
-    reason_tokens: int = 96
+    subtitle: str = ""              # the transcript line fed to the prompt (no ASR in the loop yet)
+    stages: list = field(default_factory=lambda: list(STAGES))   # the stages this process runs
+    links: dict = field(default_factory=dict)   # windows / rows / scores -> endpoint (unset: inproc, unique)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
+    microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
+    file: FileConfig = field(default_factory=FileConfig)
+    faces: FaceConfig = field(default_factory=FaceConfig)
+    windows: WindowConfig = field(default_factory=WindowConfig)
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: LlmConfig = field(default_factory=LlmConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+
+    def validate(self) -> "RuntimeConfig":
+        for stage in self.stages:
+            _choice("runtime.stages", stage, STAGES)
+        for name, endpoint in self.links.items():
+            if name not in LINKS or not isinstance(endpoint, str) or "://" not in endpoint:
+                raise ConfigError(f"runtime.links: {name}={endpoint!r} is not a link (--link NAME=ENDPOINT, NAME one "
+                                  f"of {', '.join(LINKS)}{did_you_mean(name, LINKS)}, ENDPOINT e.g. tcp://HOST:PORT)")
+        for section in (self.windows, self.encoders, self.llm, self.fusion, self.publish):
+            section.validate()
+        return self
 
 
 @dataclass
@@ -100,20 +302,9 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def validate(self) -> "Config":
-        checks = [("model.layout", self.model.layout, LAYOUTS), ("model.frame_rule", self.model.frame_rule, FRAME_RULES),
-                  ("export.device", self.export.device, ("auto", "cpu", "cuda"))]
-        checks += [(f"model.features.{k}", getattr(self.model.features, k), FEATURE_MODES)
-                   for k in ("mae", "videomae", "hubert")]
-        for where, value, allowed in checks:
-            if value not in allowed:
-                raise ConfigError(f"{where} = '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
-        for where, value, allowed in (("runtime.precision", self.runtime.precision, ("auto", "fp32", "fp16")),
-                                      ("runtime.quant", self.runtime.quant,
-                                       ("auto", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"))):
-            if value not in allowed:
-                raise ConfigError(f"{where} = '{value}' is not one of {list(allowed)}{did_you_mean(value, allowed)}")
-        if self.runtime.hop_s <= 0 or self.runtime.window_s < self.runtime.hop_s:
-            raise ConfigError("runtime.hop_s must be > 0 and no longer than runtime.window_s")
+        self.model.validate()
+        self.export.validate()
+        self.runtime.validate()
         return self
 
 
@@ -142,13 +333,15 @@ def _coerce(kind, value, path: str):
     base = typing.get_origin(base) or base
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if base is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)   # camera: 0
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"'{path}' must be {base.__name__}, got {value!r}")
     return value
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then ``overrides`` ({"export.out": ...})."""
+    """Defaults, then the YAML file (if any), then ``overrides`` ({"export.out": ...}; None values skipped)."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -166,5 +359,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{part}' in {path} must be a mapping to set {dotted}")
         node[leaf] = value
     return _build(Config, data, "").validate()

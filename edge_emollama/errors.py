@@ -1,9 +1,17 @@
 """One exception family for everything a user can get wrong.
 
-Every error names the thing at fault and the fix, so the command line can print
-``str(error)`` and exit without a traceback.
+Every error names the thing at fault and the fix, so the command line prints ``str(error)`` and exits 2
+without a traceback. Anything else that escapes is a bug: the command line exits 1 and keeps its traceback.
 """
 from __future__ import annotations
+
+import difflib
+
+
+def did_you_mean(word, choices) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class EdgeEmollamaError(Exception):

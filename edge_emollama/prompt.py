@@ -42,10 +42,6 @@ def label_pieces(tokenizer, labels=LABELS) -> list:
     return pieces
 
 
-def parts_length(parts: list) -> int:
-    return sum(len(p) if isinstance(p, list) else p[2] - p[1] for p in parts)
-
-
 def _clean(subtitle: str) -> str:
     """Subtitles are spoken text: strip placeholders a transcript could smuggle in."""
     text = " ".join(str(subtitle).split())

@@ -5,15 +5,14 @@ runtime. Facts follow the inference path of ZebangCheng/Emotion-LLaMA (see docs/
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
+from .errors import ConfigError, did_you_mean
 from .vocab import tiny_vocab
 
 # Prompt order: the order in which the instruction lists the labels, and the order of every
 # probability vector this project produces.
 LABELS = ("happy", "sad", "neutral", "angry", "worried", "surprise", "fear", "contempt", "doubt")
-# The training datasets' index order (emo2idx in first_face.py); MER2023 uses the first six.
-DATASET_LABEL_ORDER = ("neutral", "angry", "happy", "sad", "worried", "surprise", "fear", "contempt", "doubt")
 
 RECOGNITION_INSTRUCTION = (
     "Please determine which emotion label in the video represents: "
@@ -135,12 +134,25 @@ class ModelSpec:
         """[patch rows] + [MAE, VideoMAE, HuBERT] + [EVA CLS] (260 for the real model)."""
         return self.patch_rows + len(FEATURE_BRANCHES) + 1
 
-    @property
-    def video_frames(self) -> int:
-        return self.videomae.frames
-
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        """The inverse of ``to_dict`` (how the runtime reads the geometry a manifest recorded).
+
+        TypeError/KeyError for a dict of another shape; the manifest reader turns them into one error."""
+        parts = {"eva": VitSpec, "mae": VitSpec, "videomae": VitSpec, "hubert": HubertSpec, "llama": LlamaSpec,
+                 "lora": LoraSpec}
+        values = {}
+        for f in fields(cls):
+            value = data[f.name]
+            if f.name in parts:
+                value = _frozen(parts[f.name], value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[f.name] = value
+        return cls(**values)
 
 
 EMOTION_LLAMA = ModelSpec(
@@ -184,10 +196,12 @@ MID = ModelSpec(
 PRESETS = {spec.name: spec for spec in (EMOTION_LLAMA, MID, TINY)}
 
 
-def get_preset(name: str) -> ModelSpec:
-    from .config import did_you_mean
-    from .errors import ConfigError
+def _frozen(cls, data: dict):
+    """A frozen spec dataclass from its dict, lists back to tuples."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
+
+def get_preset(name: str) -> ModelSpec:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
@@ -196,7 +210,3 @@ def get_preset(name: str) -> ModelSpec:
 def build_prompt(subtitle: str, task: str = "emotion", instruction: str = RECOGNITION_INSTRUCTION) -> str:
     """The full prompt text exactly as eval_emotion.py builds it, placeholders still in."""
     return PROMPT_TEMPLATE.format(subtitle=subtitle, task=task, instruction=instruction)
-
-
-def reason_prompt(subtitle: str) -> str:
-    return build_prompt(subtitle, task="reason", instruction=REASON_INSTRUCTION)

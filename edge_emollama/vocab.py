@@ -1,13 +1,14 @@
-"""Vocabularies: the built-in one of the tiny preset, LLaMA-2's from tokenizer.model or a GGUF, and
-llama.cpp's tokenizer over any of them (the same tokenizer the runtime uses, so the reference and the
-runtime can never tokenize differently).
+"""The vocabulary type, the tiny preset's built-in vocabulary, and llama.cpp's tokenizer over any GGUF's
+vocabulary (the same tokenizer the runtime uses, so the reference and the runtime can never tokenize
+differently). Reading LLaMA-2's ``tokenizer.model`` and writing vocabularies into GGUF files is the export's
+(``export/gguf_writer.py``).
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,102 +72,11 @@ def tiny_vocab() -> Vocab:
     return Vocab(tokens=tokens, scores=scores, types=types)
 
 
-def vocab_from_sentencepiece(path: str | os.PathLike) -> Vocab:
-    """Read LLaMA-2's ``tokenizer.model`` the way llama.cpp's converter does."""
-    spm = require("sentencepiece")
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"tokenizer file {path} not found: point --checkpoints at the Llama-2-7b-chat-hf "
-                              "directory, which holds tokenizer.model")
-    proc = spm.SentencePieceProcessor()
-    proc.LoadFromFile(str(path))
-    tokens, scores, types = [], [], []
-    for i in range(proc.vocab_size()):
-        tokens.append(proc.IdToPiece(i))
-        scores.append(proc.GetScore(i))
-        kind = NORMAL
-        if proc.IsUnknown(i):
-            kind = UNKNOWN
-        elif proc.IsControl(i):
-            kind = CONTROL
-        elif proc.IsUnused(i):
-            kind = UNUSED
-        elif proc.IsByte(i):
-            kind = BYTE
-        types.append(kind)
-    return Vocab(tokens, scores, types, bos_id=proc.bos_id(), eos_id=proc.eos_id(), unk_id=proc.unk_id())
-
-
-def vocab_from_gguf(path: str | os.PathLike) -> Vocab:
-    gguf = require("gguf")
-    reader = gguf.GGUFReader(str(path))
-
-    def field(name):
-        item = reader.fields.get(f"tokenizer.ggml.{name}")
-        if item is None:
-            raise CheckpointError(f"{path} has no tokenizer.ggml.{name}: it is not a LLaMA GGUF with a vocabulary")
-        return item.contents()
-
-    return Vocab(tokens=field("tokens"), scores=[float(s) for s in field("scores")],
-                 types=[int(t) for t in field("token_type")], bos_id=int(field("bos_token_id")),
-                 eos_id=int(field("eos_token_id")), unk_id=int(field("unknown_token_id")))
-
-
-def add_vocab_metadata(writer, vocab: Vocab) -> None:
-    """Write ``vocab`` into an open gguf.GGUFWriter as a llama (SentencePiece) tokenizer."""
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_scores(vocab.scores)
-    writer.add_token_types(vocab.types)
-    writer.add_bos_token_id(vocab.bos_id)
-    writer.add_eos_token_id(vocab.eos_id)
-    writer.add_unk_token_id(vocab.unk_id)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-
-def add_llama_hparams(writer, spec, n_vocab: int) -> None:
-    """The ``llama.*`` hyper-parameters of ``spec`` (a LlamaSpec) into an open gguf.GGUFWriter."""
-    writer.add_context_length(spec.context)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_block_count(spec.layers)
-    writer.add_feed_forward_length(spec.ffn)
-    writer.add_head_count(spec.heads)
-    writer.add_head_count_kv(spec.kv_heads)
-    writer.add_layer_norm_rms_eps(spec.eps)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_rope_dimension_count(spec.hidden // spec.heads)
-    writer.add_vocab_size(n_vocab)
-
-
-def write_vocab_gguf(vocab: Vocab, path: str | os.PathLike) -> Path:
-    """A vocab-only GGUF that ``llama_cpp.Llama(path, vocab_only=True)`` loads (written atomically)."""
-    gguf = require("gguf")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), "llama")
-    writer.add_name("edge-emollama vocabulary")
-    from .spec import LlamaSpec   # placeholder hyper-parameters: llama.cpp reads them even for vocab_only
-
-    add_llama_hparams(writer, LlamaSpec(hidden=64, layers=1, heads=4, kv_heads=4, ffn=128, vocab=len(vocab)),
-                      len(vocab))
-    add_vocab_metadata(writer, vocab)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
-    return path
-
-
 def quiet_llama_cpp(verbose: bool = False) -> None:
     """llama-cpp-python routes llama.cpp's log through its own module-level callback and this logger
     (no Python callback of ours: one that gets collected crashes the process). Its level table predates
     ggml's current numbering (warnings arrive as ERROR), so quiet means CRITICAL; our own errors say
     what failed."""
-    import logging
-
     logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
@@ -249,15 +159,3 @@ class LlamaTokenizer:
             self.close()
         except Exception:
             pass
-
-
-_TINY_TOKENIZER = None
-
-
-def tiny_tokenizer() -> LlamaTokenizer:
-    """The tiny preset's tokenizer, from a vocab-only GGUF written once per process to a temp folder."""
-    global _TINY_TOKENIZER
-    if _TINY_TOKENIZER is None:
-        folder = Path(tempfile.mkdtemp(prefix="edge-emollama-vocab-"))
-        _TINY_TOKENIZER = LlamaTokenizer(write_vocab_gguf(tiny_vocab(), folder / "tiny-vocab.gguf"))
-    return _TINY_TOKENIZER

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import Config
-from ..runtime.artifacts import describe_file
+from ..manifest import ArtifactFile, describe_file
 from ..spec import ModelSpec
 
 log = logging.getLogger("edge_emollama.export")
@@ -22,18 +22,18 @@ class ExportContext:
     vocab: object              # edge_emollama.vocab.Vocab
     staging: Path              # the folder being written (renamed to the output folder at the end)
     provenance: dict
-    entries: list = field(default_factory=list)     # manifest "artifacts"
+    entries: list = field(default_factory=list)     # ArtifactFile of every model file written
     checks: dict = field(default_factory=dict)      # step -> quick validation figures
     skipped: dict = field(default_factory=dict)     # format -> reason
     timings: dict = field(default_factory=dict)     # step -> seconds
 
-    def add(self, path: Path, **fields) -> dict:
-        entry = describe_file(self.staging, path, **fields)
+    def add(self, path: Path, **kind) -> ArtifactFile:
+        entry = describe_file(self.staging, path, **kind)
         self.entries.append(entry)
         return entry
 
     def files(self, **match) -> list:
-        return [self.staging / e["file"] for e in self.entries if all(e.get(k) == v for k, v in match.items())]
+        return [self.staging / e.file for e in self.entries if e.matches(**match)]
 
 
 class StepTimer:
@@ -50,7 +50,7 @@ class StepTimer:
     def __exit__(self, kind, value, tb):
         seconds = time.perf_counter() - self.start
         self.ctx.timings[self.name] = round(seconds, 3)
-        written = sum(e["bytes"] for e in self.ctx.entries[self.count:])
+        written = sum(e.bytes for e in self.ctx.entries[self.count:])
         if kind is None:
             log.info("[%s] done in %.2f s, %s written", self.name, seconds, human_bytes(written))
         else:

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..branches import BRANCHES
+from ..errors import ConfigError, MissingDependencyError, did_you_mean
+from ..lazy import available
 from .context import ExportContext, StepTimer
-from .onnx_export import BRANCH_IO, convert_fp16, export_branch
+from .onnx_export import convert_fp16, export_branch
 from .validate import encoder_parity, llm_parity, raise_on_failure
-
-BRANCHES = ("eva", "mae", "videomae", "hubert")
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ def run_onnx_fp16(ctx: ExportContext) -> None:
 
 def _record_onnx(ctx: ExportContext, branch: str, precision: str, files: list) -> None:
     """Manifest entries for one ONNX file (and its external data), then its quick parity check."""
-    io = BRANCH_IO[branch]
-    ctx.add(files[0], format="onnx", branch=branch, precision=precision, inputs=list(io.inputs),
-            outputs=list(io.outputs), dynamic_axes=io.dynamic, external_data=[f.name for f in files[1:]])
+    io = BRANCHES[branch]
+    ctx.add(files[0], format="onnx", branch=branch, precision=precision, inputs=io.input_names,
+            outputs=io.output_names, dynamic_axes=io.dynamic_axes(), external_data=tuple(f.name for f in files[1:]))
     for extra in files[1:]:
         ctx.add(extra, format="onnx-data", branch=branch, precision=precision)
     ctx.checks[f"onnx {branch} {precision}"] = check = encoder_parity(
@@ -109,16 +110,11 @@ FORMAT_NAMES = tuple(f.name for f in FORMATS)
 
 
 def missing_modules(fmt: ExportFormat) -> list:
-    from ..lazy import available
-
     return [m for m in fmt.needs if not available(m)]
 
 
 def plan(requested: list) -> tuple:
     """(formats to run in table order, {skipped format: reason}); "auto" = every format whose libraries exist."""
-    from ..config import did_you_mean
-    from ..errors import ConfigError, MissingDependencyError
-
     unknown = [r for r in requested if r not in FORMAT_NAMES + ("auto",)]
     if unknown:
         raise ConfigError(f"unknown export format '{unknown[0]}'{did_you_mean(unknown[0], FORMAT_NAMES)}; "

@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..lazy import require
 from ..spec import LlamaSpec
-from ..vocab import Vocab, add_llama_hparams, add_vocab_metadata
+from ..vocab import Vocab
 
-__all__ = ["write_llama_gguf", "read_llama_gguf", "tensor_names", "FTYPES"]
+__all__ = ["write_llama_gguf", "write_vocab_gguf", "read_llama_gguf", "read_gguf_vocab", "tensor_names", "FTYPES"]
 
 FTYPES = ("f32", "f16")
 METADATA_PREFIX = "edge_emollama."
@@ -89,6 +89,53 @@ def _check_state(state_dict: dict, spec: LlamaSpec, n_vocab: int) -> None:
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if items]
     if problems:
         raise CheckpointError("LLaMA weights do not match the architecture: " + "; ".join(problems))
+
+
+def add_vocab_metadata(writer, vocab: Vocab) -> None:
+    """Write ``vocab`` into an open gguf.GGUFWriter as a llama (SentencePiece) tokenizer."""
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores(vocab.scores)
+    writer.add_token_types(vocab.types)
+    writer.add_bos_token_id(vocab.bos_id)
+    writer.add_eos_token_id(vocab.eos_id)
+    writer.add_unk_token_id(vocab.unk_id)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def add_llama_hparams(writer, spec, n_vocab: int) -> None:
+    """The ``llama.*`` hyper-parameters of ``spec`` (a LlamaSpec) into an open gguf.GGUFWriter."""
+    writer.add_context_length(spec.context)
+    writer.add_embedding_length(spec.hidden)
+    writer.add_block_count(spec.layers)
+    writer.add_feed_forward_length(spec.ffn)
+    writer.add_head_count(spec.heads)
+    writer.add_head_count_kv(spec.kv_heads)
+    writer.add_layer_norm_rms_eps(spec.eps)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_rope_dimension_count(spec.hidden // spec.heads)
+    writer.add_vocab_size(n_vocab)
+
+
+def write_vocab_gguf(vocab: Vocab, path: str | os.PathLike) -> Path:
+    """A vocab-only GGUF that ``llama_cpp.Llama(path, vocab_only=True)`` loads (written atomically)."""
+    gguf = require("gguf")
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name("edge-emollama vocabulary")
+    # placeholder hyper-parameters: llama.cpp reads them even for vocab_only
+    add_llama_hparams(writer, LlamaSpec(hidden=64, layers=1, heads=4, kv_heads=4, ffn=128, vocab=len(vocab)),
+                      len(vocab))
+    add_vocab_metadata(writer, vocab)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
 
 
 def _add_hparams(writer, spec: LlamaSpec, n_vocab: int, ftype: str) -> None:
@@ -184,6 +231,11 @@ def _spec_from_reader(reader, n_vocab: int) -> LlamaSpec:
         raise CheckpointError(f"{reader.data.filename}: partial RoPE ({rope_dims} of {spec.hidden // heads} dims) "
                               "is not supported")
     return spec
+
+
+def read_gguf_vocab(path: str | os.PathLike) -> Vocab:
+    """The vocabulary of a GGUF file (e.g. LLaMA-2's vocab-only GGUF)."""
+    return _vocab_from_reader(require("gguf").GGUFReader(str(path)))
 
 
 def _vocab_from_reader(reader) -> Vocab:

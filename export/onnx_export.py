@@ -6,14 +6,13 @@ Each branch emits LLM-space rows directly. Per-window axes are dynamic: the numb
 """
 from __future__ import annotations
 
-import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..branches import BRANCHES
 from ..errors import OutputError
 from ..lazy import require
 from ..spec import ModelSpec
@@ -21,42 +20,15 @@ from ..spec import ModelSpec
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-@dataclass(frozen=True)
-class BranchIO:
-    inputs: tuple
-    outputs: tuple
-    dynamic: dict
-
-
-BRANCH_IO = {
-    "eva": BranchIO(("pixels",), ("patch_rows", "cls_row"), {}),
-    "mae": BranchIO(("faces",), ("mae_frame_rows",), {"faces": {0: "frames"}, "mae_frame_rows": {0: "frames"}}),
-    "videomae": BranchIO(("clip",), ("videomae_row",), {}),
-    "hubert": BranchIO(("pcm",), ("hubert_row",), {"pcm": {1: "samples"}}),
-}
-
-
-def example_inputs(spec: ModelSpec, branch: str, rng: np.random.Generator, frames: int = 4,
-                   seconds: float = 1.0) -> dict:
-    """Random float32 inputs of a branch's input shapes (what validation draws fresh each run)."""
-    v, m, a = spec.videomae, spec.mae, spec.hubert
-    shapes = {"eva": {"pixels": (1, 3, spec.eva.image_size, spec.eva.image_size)},
-              "mae": {"faces": (frames, 3, m.image_size, m.image_size)},
-              "videomae": {"clip": (1, 3, v.frames, v.image_size, v.image_size)},
-              "hubert": {"pcm": (1, int(seconds * a.sample_rate))}}[branch]
-    scale = 0.3 if branch == "hubert" else 1.0
-    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-
-
 def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, metadata: dict) -> list:
     """Trace ``module`` to ``path``; returns the files written (graph, and external data if any)."""
     torch = require("torch")
     onnx = require("onnx")
-    io = BRANCH_IO[branch]
-    sample = example_inputs(spec, branch, np.random.default_rng(0), frames=3, seconds=0.5)
+    io = BRANCHES[branch]
+    sample = io.example_inputs(spec, np.random.default_rng(0), frames=3, seconds=0.5)
     device = next(module.parameters()).device
     module.to("cpu")   # the TorchScript exporter's constant folding mixes CPU and CUDA tensors (torch 2.11)
-    args = tuple(torch.from_numpy(sample[name]) for name in io.inputs)
+    args = tuple(torch.from_numpy(sample[name]) for name in io.input_names)
     # a folder of its own: over 2 GB the exporter writes every weight as a separate file beside the graph
     raw = path.parent / f".{path.name}.trace" / "model.onnx"
     raw.parent.mkdir(exist_ok=True)
@@ -64,8 +36,9 @@ def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, 
         # the TorchScript exporter: 0.2 s against ~5 s for the dynamo one, same graphs for these modules
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            torch.onnx.export(module.eval(), args, str(raw), input_names=list(io.inputs),
-                              output_names=list(io.outputs), dynamic_axes=io.dynamic or None, opset_version=opset,
+            torch.onnx.export(module.eval(), args, str(raw), input_names=list(io.input_names),
+                              output_names=list(io.output_names), dynamic_axes=io.dynamic_axes() or None,
+                              opset_version=opset,
                               dynamo=False, do_constant_folding=True)
         finally:
             module.to(device)
@@ -115,7 +88,3 @@ def convert_fp16(src: Path, dst: Path, metadata: dict) -> list:
     half = float16.convert_float_to_float16(str(src), keep_io_types=True, disable_shape_infer=False,
                                             op_block_list=list(float16.DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS))
     return save_onnx(half, dst, {**metadata, "precision": "fp16"})
-
-
-def file_bytes(paths: list) -> int:
-    return sum(os.path.getsize(p) for p in paths)

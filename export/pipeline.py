@@ -17,11 +17,16 @@ import numpy as np
 from ..config import Config
 from ..errors import OutputError
 from ..lazy import require
-from ..spec import get_preset
+from ..manifest import (ExportedWindow, FeatureModes, Manifest, MediaInfo, PromptInfo, describe_file,
+                        tool_versions, utc_now, write_json)
+from ..prompt import label_pieces
+from ..spec import (FEATURE_BRANCHES, LABELS, PROMPT_TEMPLATE, REASON_INSTRUCTION, RECOGNITION_INSTRUCTION,
+                    get_preset)
 from .context import ExportContext, StepTimer, human_bytes, log
 from .formats import plan
-from .manifest import build_manifest, write_json
 from .validate import encoder_parity, format_table, llm_parity, raise_on_failure
+
+EXTRA_FILES = ("zero_rows.npy", "validation.json", "vocab.gguf")
 
 
 def export(cfg: Config, validate: bool = False, random_weights: bool = False) -> Path:
@@ -43,9 +48,7 @@ def export(cfg: Config, validate: bool = False, random_weights: bool = False) ->
         report = _full_validation(ctx) if validate else {"seed": None, "quick": ctx.checks}
         write_json(staging / "validation.json", report)
         np.save(staging / "zero_rows.npy", ctx.reference.zero_rows())
-        write_json(staging / "manifest.json", build_manifest(ctx, [staging / "zero_rows.npy",
-                                                                    staging / "validation.json",
-                                                                    staging / "vocab.gguf"]))
+        build_manifest(ctx).write(staging)
         _publish(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
@@ -54,8 +57,28 @@ def export(cfg: Config, validate: bool = False, random_weights: bool = False) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log.info("export finished: %s (%s)", out, human_bytes(sum(e["bytes"] for e in ctx.entries)))
+    log.info("export finished: %s (%s)", out, human_bytes(sum(e.bytes for e in ctx.entries)))
     return out
+
+
+def build_manifest(ctx: ExportContext) -> Manifest:
+    """What the runtime will obey: geometry, labels, prompt, features, window, every file with its hash."""
+    cfg, spec = ctx.cfg, ctx.spec
+    model = cfg.model
+    return Manifest(
+        preset=spec.name, spec=spec, source=ctx.provenance, labels=LABELS, label_pieces=tuple(map(tuple, label_pieces(ctx.tokenizer))),
+        prompt=PromptInfo(template=PROMPT_TEMPLATE, layout=model.layout,
+                          recognition_instruction=RECOGNITION_INSTRUCTION, reason_instruction=REASON_INSTRUCTION,
+                          bos="double: BOS added and the literal <s> parsed (LlamaTokenizer add_special_tokens=True)"),
+        media=MediaInfo(rows=spec.media_rows, order=("eva_patches",) + FEATURE_BRANCHES + ("eva_cls",),
+                        patch_rows=spec.patch_rows, hidden=spec.llama.hidden),
+        features=FeatureModes(mae=model.features.mae, videomae=model.features.videomae,
+                              hubert=model.features.hubert, zero_rows="zero_rows.npy"),
+        window=ExportedWindow(eva_frame_rule=model.frame_rule, video_frames=spec.videomae.frames,
+                              sample_rate=spec.hubert.sample_rate, window_s=model.window_s, hop_s=model.hop_s),
+        artifacts=tuple(ctx.entries), extra_files=tuple(describe_file(ctx.staging, ctx.staging / f) for f in EXTRA_FILES),
+        tools=tool_versions(), skipped_formats=ctx.skipped, timings_s=ctx.timings, quick_checks=ctx.checks,
+        created_utc=utc_now())
 
 
 def _make_staging(out: Path) -> Path:
@@ -108,11 +131,11 @@ def _full_validation(ctx: ExportContext) -> dict:
     rng = np.random.default_rng(seed)
     report = {"seed": seed, "encoders": [], "llm": []}
     with StepTimer(ctx, "validate encoders"):
-        for entry in [e for e in ctx.entries if e["format"] == "onnx"]:
-            report["encoders"].append(encoder_parity(ctx.reference, ctx.spec, entry["branch"], entry["precision"],
-                                                     ctx.staging / entry["file"], rng,
+        for entry in [e for e in ctx.entries if e.format == "onnx"]:
+            report["encoders"].append(encoder_parity(ctx.reference, ctx.spec, entry.branch, entry.precision,
+                                                     ctx.staging / entry.file, rng,
                                                      ctx.cfg.export.validation.encoder_trials))
-    ggufs = {e["quant"]: ctx.staging / e["file"] for e in ctx.entries if e["format"] == "gguf"}
+    ggufs = {e.quant: ctx.staging / e.file for e in ctx.entries if e.format == "gguf"}
     if ggufs:
         with StepTimer(ctx, "validate gguf"):
             report["llm"] = llm_parity(ctx.reference, ctx.spec, ctx.tokenizer, ggufs, rng,

@@ -8,7 +8,9 @@ from ..checkpoints import CheckpointPaths
 from ..config import Config
 from ..errors import ConfigError
 from ..spec import ModelSpec
-from ..vocab import LlamaTokenizer, tiny_vocab, vocab_from_sentencepiece, write_vocab_gguf
+from ..lazy import require
+from ..vocab import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, LlamaTokenizer, Vocab, tiny_vocab
+from .gguf_writer import write_vocab_gguf
 
 
 log = logging.getLogger(__name__)
@@ -95,3 +97,29 @@ def _random_vocab_for(spec: ModelSpec):
     vocab.scores += [-1e9] * pad
     vocab.types += [5] * pad
     return vocab
+
+
+def vocab_from_sentencepiece(path: str | os.PathLike) -> Vocab:
+    """Read LLaMA-2's ``tokenizer.model`` the way llama.cpp's converter does."""
+    spm = require("sentencepiece")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer file {path} not found: point --checkpoints at the Llama-2-7b-chat-hf "
+                              "directory, which holds tokenizer.model")
+    proc = spm.SentencePieceProcessor()
+    proc.LoadFromFile(str(path))
+    tokens, scores, types = [], [], []
+    for i in range(proc.vocab_size()):
+        tokens.append(proc.IdToPiece(i))
+        scores.append(proc.GetScore(i))
+        kind = NORMAL
+        if proc.IsUnknown(i):
+            kind = UNKNOWN
+        elif proc.IsControl(i):
+            kind = CONTROL
+        elif proc.IsUnused(i):
+            kind = UNUSED
+        elif proc.IsByte(i):
+            kind = BYTE
+        types.append(kind)
+    return Vocab(tokens, scores, types, bos_id=proc.bos_id(), eos_id=proc.eos_id(), unk_id=proc.unk_id())

@@ -4,7 +4,7 @@ fp16 is requested the way the installed TensorRT needs it: TensorRT 10 takes the
 ``BuilderFlag.FP16``; TensorRT 11 removed that flag (setting nothing silently builds fp32), so there the
 fp16 ONNX graph is built as a strongly typed network. Dynamic axes get one optimization profile
 (min / opt / max). A timing cache beside the engines speeds up rebuilds. Metadata is stored in the
-engine file as ``uint32 length + JSON + plan`` (the ultralytics convention); ``read_engine`` splits it.
+engine file as ``uint32 length + JSON + plan`` (the ultralytics convention).
 
 Not verified on this project's CI machines (no GPU, no TensorRT): see docs/verification.md.
 """
@@ -16,20 +16,12 @@ import os
 import struct
 from pathlib import Path
 
-from ..errors import MissingDependencyError, OutputError
+from ..branches import BRANCHES
+from ..errors import OutputError
 from ..lazy import require
 from ..spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-
-def profile_shapes(spec: ModelSpec, branch: str) -> dict:
-    """input name -> (min, opt, max) shapes for the dynamic axes of each branch."""
-    m, a = spec.mae, spec.hubert
-    face = (3, m.image_size, m.image_size)
-    second = a.sample_rate
-    return {"mae": {"faces": ((1, *face), (16, *face), (64, *face))},
-            "hubert": {"pcm": ((1, second // 4), (1, 2 * second), (1, 8 * second))}}.get(branch, {})
 
 
 def tensorrt_major() -> int:
@@ -57,7 +49,7 @@ def build_engine(onnx_fp32: Path, onnx_fp16: Path, engine: Path, spec: ModelSpec
         config.set_flag(trt.BuilderFlag.FP16)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    shapes = profile_shapes(spec, branch)
+    shapes = BRANCHES[branch].trt_profile(spec)
     if shapes:
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
@@ -81,18 +73,3 @@ def write_engine(path: Path, plan: bytes, metadata: dict) -> None:
         handle.write(struct.pack("<I", len(blob)) + blob + plan)
     os.replace(tmp, path)
 
-
-def read_engine(path: Path) -> tuple:
-    """(metadata, serialized plan) from an engine file written by ``write_engine``."""
-    data = Path(path).read_bytes()
-    (size,) = struct.unpack("<I", data[:4])
-    return json.loads(data[4:4 + size]), data[4 + size:]
-
-
-def unavailable_reason() -> str | None:
-    """None when TensorRT can build here, else the one-line reason with the install command."""
-    try:
-        require("tensorrt")
-    except MissingDependencyError as exc:
-        return str(exc)
-    return None

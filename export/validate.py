@@ -1,7 +1,8 @@
 """Parity of every artifact with the PyTorch reference, on inputs drawn fresh for each run.
 
 Tolerances (docs/verification.md):
-- ONNX encoders: max relative error = max|onnx - torch| / max|torch| over each output; fp32 <= 1e-4, fp16 <= 1e-2.
+- ONNX encoders: max relative error = max|onnx - torch| / max|torch| over each output, at most the branch's
+  declared tolerance (edge_emollama/branches.py: fp32 1e-4, fp16 1e-2).
 - GGUF LLM: label distributions from llama.cpp (media rows injected as an embedding batch) against the
   reference's on random windows: F16 the same top label on every decisive window and KL(ref || gguf) < 1e-3
   on every window; Q8_0 the same top label on at least 99 % of decisive windows; other quantizations reported,
@@ -15,14 +16,15 @@ import logging
 
 import numpy as np
 
+from ..branches import BRANCHES
 from ..errors import EdgeEmollamaError
 from ..lazy import require
 from ..prompt import label_pieces, prompt_parts
-from ..runtime.fusion import softmax
-from .onnx_export import BRANCH_IO, example_inputs
+from ..runtime.encoders import choose_providers
+from ..runtime.llm import LlamaCppScorer
+from ..scoring import kl_divergence, softmax
 
 log = logging.getLogger(__name__)
-ENCODER_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}
 GATES = {"F16": {"agreement": 1.0, "kl": 1e-3}, "Q8_0": {"agreement": 0.99, "kl": None}}
 NEAR_TIE = 0.05   # reference top-2 probability margin below which a window is not decisive
 WORDS = ("i", "really", "think", "that", "is", "so", "good", "today", "you", "know", "not", "what", "why",
@@ -40,8 +42,6 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 def parity_providers(device) -> list:
     """Where the reference runs on CUDA and onnxruntime has CUDA, the check runs there (TF32 off: the fp32
     limit is below its rounding); otherwise on the CPU."""
-    from ..runtime.encoders import choose_providers
-
     if device.type == "cuda" and "CUDAExecutionProvider" in choose_providers(["CUDAExecutionProvider"]):
         return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
@@ -58,16 +58,16 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
     if session.get_providers()[0] != first:
         log.warning("%s is checked on %s: onnxruntime could not run it on %s (its message above); the runtime "
                     "would fall back the same way", path.name, session.get_providers()[0], first)
-    worst, shapes = 0.0, []
+    worst, shapes, io = 0.0, [], BRANCHES[branch]
     for _ in range(trials):
-        inputs = example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
+        inputs = io.example_inputs(spec, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
         got = session.run(None, inputs)
         with torch.no_grad():
-            want = module(*(torch.from_numpy(inputs[n]).to(device) for n in BRANCH_IO[branch].inputs))
+            want = module(*(torch.from_numpy(inputs[n]).to(device) for n in io.input_names))
         want = want if isinstance(want, tuple) else (want,)
         worst = max([worst] + [relative_error(g, w.float().cpu().numpy()) for g, w in zip(got, want)])
         shapes.append({k: list(v.shape) for k, v in inputs.items()})
-    limit = ENCODER_LIMITS[precision]
+    limit = io.tolerance[precision]
     return {"artifact": str(path.name), "branch": branch, "precision": precision, "trials": trials,
             "provider": session.get_providers()[0], "input_shapes": shapes, "max_rel_err": worst, "limit": limit,
             "passed": worst <= limit}
@@ -75,20 +75,15 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
 
 def random_window(reference, spec, rng, zeros: tuple) -> tuple:
     """Media rows of a random window through the reference encoders, and a random subtitle."""
-    inputs = {}
-    for branch in ("eva", "mae", "videomae", "hubert"):
-        inputs.update(example_inputs(spec, branch, rng, frames=int(rng.integers(1, 17)),
-                                     seconds=float(rng.uniform(0.5, 3))))
-    named = {"eva": inputs["pixels"], "mae": inputs["faces"], "videomae": inputs["clip"], "hubert": inputs["pcm"]}
+    feeds = {name: branch.example_inputs(spec, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
+             for name, branch in BRANCHES.items()}
     subtitle = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 12))))
-    return reference.media_block(named, zeros=zeros), subtitle
+    return reference.media_block(feeds, zeros=zeros), subtitle
 
 
 def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layout: str, zeros: tuple,
                n_threads: int | None = None) -> list:
     """Label distributions of each GGUF (name -> path) against the reference on ``windows`` random windows."""
-    from ..runtime.llm import LlamaCppScorer
-
     pieces = label_pieces(tokenizer)
     # flash attention off, an f32 KV cache, on the CPU: the check measures the weight format alone (the
     # runtime's faster defaults add about 3e-3 x logit std; tests/test_pipeline.py bounds the runtime's own KL;
@@ -111,7 +106,7 @@ def llm_parity(reference, spec, tokenizer, ggufs: dict, rng, windows: int, layou
                 row["agree_decisive"] += same and margin >= NEAR_TIE
                 if not same:
                     row["flip_margins"].append(margin)
-                row["kl"].append(float(np.sum(want * (np.log(want) - np.log(got)))))
+                row["kl"].append(kl_divergence(want, got))
     finally:
         for scorer in scorers.values():
             scorer.close()

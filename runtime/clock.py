@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-__all__ = ["NS_PER_S", "now_ns", "ClockAnchor", "run_anchor", "to_utc_iso"]
+__all__ = ["NS_PER_S", "now_ns", "ClockAnchor", "run_anchor"]
 
 NS_PER_S = 1_000_000_000
 
@@ -68,7 +68,3 @@ def run_anchor() -> ClockAnchor:
             _RUN_ANCHOR = ClockAnchor.take()
         return _RUN_ANCHOR
 
-
-def to_utc_iso(t_ns: int) -> str:
-    """A monotonic time as UTC ISO-8601 through the run's anchor."""
-    return run_anchor().to_utc_iso(t_ns)

@@ -10,34 +10,26 @@ Every request gets exactly one JSON reply (``control_reply`` in the schema):
 Error codes: ``bad_json`` (not UTF-8 JSON), ``bad_request`` (not an object, a field of the wrong type, more
 than one frame), ``unknown_verb``, ``unavailable`` (explain without a reasoning worker, or the worker cannot
 take the request now), ``internal`` (the explain callback failed unexpectedly; the message says how).
-A bad request never stops the loop; a socket failure does, and is kept in :attr:`ControlServer.error`.
+A bad request never stops the loop; a socket failure does: it is logged with its traceback, kept in
+:attr:`ControlServer.error` and reported through ``on_failure`` (the status then says so).
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import EdgeEmollamaError, InputError
+from ..config import ControlConfig
+from ..errors import EdgeEmollamaError
 from ..lazy import require
+from ..protocol import SCHEMA_VERSION, TOPICS, bind_socket, dumps, load_schema
 from .clock import ClockAnchor, now_ns, run_anchor
-from .publish import SCHEMA_VERSION, TOPICS, bind_socket, dumps, load_schema
 
-__all__ = ["ControlOptions", "ControlServer", "handle_request", "request"]
+__all__ = ["ControlServer", "handle_request", "VERBS"]
 
+log = logging.getLogger(__name__)
 VERBS = ("ping", "status", "latest", "schema", "explain")
-
-
-@dataclass(frozen=True)
-class ControlOptions:
-    endpoint: str = "tcp://127.0.0.1:5556"
-    poll_ms: int = 100                 # how often the loop checks for stop()
-    max_request_bytes: int = 65536     # larger messages disconnect the peer (ZMQ_MAXMSGSIZE)
-    sndhwm: int = 64
-    heartbeat_ivl_ms: int = 1000
-    heartbeat_timeout_ms: int = 3000
-    heartbeat_ttl_ms: int = 3000
 
 
 class _RequestError(Exception):
@@ -124,10 +116,12 @@ def _explain(request: dict, explain):
 class ControlServer:
     """A ROUTER socket served by its own thread. ``start()`` binds (ConfigError if it cannot)."""
 
-    def __init__(self, options: ControlOptions = ControlOptions(), *, status: Callable[[], dict],
+    def __init__(self, options: ControlConfig = ControlConfig(), *, status: Callable[[], dict],
                  latest: Callable[[str], dict | None], explain: Callable[[dict], dict] | None = None,
-                 stream_id: str | None = None, anchor: ClockAnchor | None = None, context=None):
+                 stream_id: str | None = None, anchor: ClockAnchor | None = None, context=None,
+                 on_failure: Callable[[str, BaseException], None] | None = None):
         self.options = options
+        self._on_failure = on_failure
         self._zmq = require("zmq")
         self._context = context or self._zmq.Context.instance()
         self._handlers = dict(status=status, latest=latest, explain=explain,
@@ -141,11 +135,13 @@ class ControlServer:
         self.endpoint: str | None = None
 
     @classmethod
-    def for_publisher(cls, publisher, options: ControlOptions = ControlOptions(),
+    def for_publisher(cls, publisher, options: ControlConfig = ControlConfig(),
                       explain: Callable[[dict], dict] | None = None) -> "ControlServer":
-        """A server answering status/latest from a :class:`~edge_emollama.runtime.publish.Publisher`."""
+        """A server answering status/latest from a :class:`~edge_emollama.runtime.publish.Publisher`, whose
+        status reports the server's failure."""
         return cls(options, status=publisher.tracker.snapshot, latest=publisher.latest, explain=explain,
-                   stream_id=publisher.stream_id, anchor=publisher.anchor, context=publisher._context)
+                   stream_id=publisher.stream_id, anchor=publisher.anchor, context=publisher._context,
+                   on_failure=publisher.tracker.record_fault)
 
     def set_explain(self, explain: Callable[[dict], dict] | None) -> None:
         """Install (or remove) the explain callback; it must return quickly (start the work, return an id)."""
@@ -155,8 +151,7 @@ class ControlServer:
         zmq, o = self._zmq, self.options
         self._socket, self.endpoint = bind_socket(
             self._context, zmq.ROUTER, o.endpoint, {zmq.SNDHWM: o.sndhwm, zmq.MAXMSGSIZE: o.max_request_bytes},
-            (o.heartbeat_ivl_ms, o.heartbeat_timeout_ms, o.heartbeat_ttl_ms),
-            "the control socket", "choose another endpoint with --control")
+            o.heartbeat, "the control socket", "choose another endpoint with --control")
         self._thread = threading.Thread(target=self._run, name="control", daemon=True)
         self._thread.start()
         return self
@@ -179,8 +174,11 @@ class ControlServer:
     def _run(self) -> None:
         try:
             self._loop()
-        except BaseException as exc:  # a socket failure: kept for the pipeline to report
+        except BaseException as exc:  # the loop is dead: say so everywhere, estimates go on
+            log.error("the control socket's thread failed; control requests are no longer answered", exc_info=True)
             self.error = exc
+            if self._on_failure is not None:
+                self._on_failure("control", exc)
 
     def _loop(self) -> None:
         zmq = self._zmq
@@ -213,20 +211,3 @@ class ControlServer:
         else:
             reply = handle_request(body[0], **self._handlers)
         return envelope + [dumps(reply)]
-
-
-def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, context=None) -> dict:
-    """Send one request with a fresh REQ socket and return the reply (InputError on timeout)."""
-    zmq = require("zmq")
-    ctx = context or zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        sock.send(payload if isinstance(payload, bytes) else dumps(payload))
-        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise InputError(f"no reply from the control socket {endpoint} within {timeout_s} s: is the runtime "
-                             "running, and is this its --control endpoint?")
-        return json.loads(sock.recv())
-    finally:
-        sock.close(0)

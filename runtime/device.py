@@ -11,7 +11,7 @@ Why:
   measured here on an H200 at full shapes: the F16 LLM stage takes 54 ms p50 per window, all layers on the GPU.
   fp16 encoders: the fp32 ones ran (EVA-g 43 ms); the first fp16 export failed in cuDNN on VideoMAE's Conv3d,
   since fixed by keeping convolutions in float32 (export/onnx_export.py), not yet re-measured on a GPU.
-  If the fp16 encoders fail on a machine, the error says to set ``runtime.precision: fp32``.
+  If the fp16 encoders fail on a machine, the error says to set ``runtime.encoders.precision: fp32``.
 - ``jetson``: memory and decode bandwidth bound: 4-bit weights cut both (not measured: no Jetson here).
 - ``cpu``: measured on a 2-core x86 CPU, mid preset: LLM stage F16 85 ms, Q4_K_M 83 ms, Q8_0 103 ms (runs vary
   by 10-30 %: no quantization is clearly faster, and F16 is exact); fp16 ONNX has few fast CPU kernels.

@@ -6,12 +6,12 @@ import logging
 
 import numpy as np
 
+from ..branches import BRANCHES
 from ..errors import ArtifactError
 from ..lazy import require
-from .artifacts import Artifacts
+from ..manifest import Artifacts
 
 log = logging.getLogger(__name__)
-BRANCHES = ("eva", "mae", "videomae", "hubert")
 
 
 def choose_providers(wanted: list) -> list:
@@ -55,7 +55,7 @@ class OnnxEncoders:
     """``run(branch, inputs) -> outputs`` for each exported branch of one precision."""
 
     def __init__(self, artifacts: Artifacts, precision: str = "fp32", providers: list | None = None,
-                 threads: int = 0, branches: tuple = BRANCHES):
+                 threads: int = 0, branches: tuple = tuple(BRANCHES)):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -76,7 +76,7 @@ class OnnxEncoders:
             self.session_providers[branch] = used = self.sessions[branch].get_providers()[0]
             if used != self.providers[0]:   # onnxruntime retried on the CPU after the GPU provider failed
                 log.warning("encoder %s (%s) runs on %s: %s failed on it (onnxruntime's message above). "
-                            "Try runtime.precision: fp32, or check the CUDA/cuDNN libraries", branch, precision,
+                            "Try runtime.encoders.precision: fp32, or check the CUDA/cuDNN libraries", branch, precision,
                             used, self.providers[0])
 
     def run(self, branch: str, inputs: dict) -> list:
@@ -88,5 +88,5 @@ class OnnxEncoders:
             if self.session_providers[branch] == "CPUExecutionProvider":
                 raise
             raise ArtifactError(f"encoder {branch} ({self.precision}) failed on {self.session_providers[branch]}: "
-                                f"{str(exc)[:300]}. Set runtime.precision: fp32, or runtime.providers: "
+                                f"{str(exc)[:300]}. Set runtime.encoders.precision: fp32, or runtime.encoders.providers: "
                                 "[CPUExecutionProvider] to run it on the CPU") from exc

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import FaceConfig
 from ..errors import ConfigError, MissingDependencyError
 from ..lazy import require
 
-__all__ = ["FaceBox", "FaceOptions", "FaceDetector", "FaceCache", "crop_square"]
+__all__ = ["FaceBox", "FaceDetector", "FaceCache", "crop_square"]
 
 
 @dataclass(frozen=True)
@@ -28,26 +29,11 @@ class FaceBox:
     w: int
     h: int
 
-    @property
-    def area(self) -> int:
-        return self.w * self.h
-
-
-@dataclass(frozen=True)
-class FaceOptions:
-    cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades, or a path
-    detect_width: int = 320      # frames are scaled down to this width for detection (speed)
-    scale_factor: float = 1.15       # 1.1 is OpenCV's usual step; 1.15 costs ~40 % less, same boxes here
-    min_neighbors: int = 5
-    min_size_frac: float = 0.1   # smallest face, as a fraction of the detection image's shorter side
-                                 # (24 px at 320x240: a face about 2.5 m from a 640x480 webcam)
-    cache_size: int = 512        # frames whose result is kept
-
 
 class FaceDetector:
     """The largest frontal face of an RGB frame, or None. Thread-safe (one lock around the cascade)."""
 
-    def __init__(self, options: FaceOptions = FaceOptions()):
+    def __init__(self, options: FaceConfig = FaceConfig()):
         self.options = options
         self._cv2 = require("cv2")
         self._cascade = self._cv2.CascadeClassifier(self._cascade_path())

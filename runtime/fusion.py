@@ -24,37 +24,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..config import FusionConfig
+from ..errors import InputError
 from ..spec import LABELS
 from .clock import NS_PER_S
 
-__all__ = ["FusionOptions", "FusedEstimate", "FusionEvent", "Fusion", "normalize", "softmax"]
+__all__ = ["FusedEstimate", "FusionEvent", "Fusion", "normalize"]
 
-METHODS = ("ema", "moving_average", "none")
 MODALITIES = ("video", "face", "audio")
-
-
-@dataclass(frozen=True)
-class FusionOptions:
-    method: str = "ema"             # ema | moving_average | none
-    time_constant_s: float = 1.5    # ema
-    average_windows: int = 4        # moving_average
-    switch_margin: float = 0.1
-    switch_windows: int = 2
-    labels: tuple = LABELS
-
-    def validate(self) -> "FusionOptions":
-        if self.method not in METHODS:
-            raise ConfigError(f"smoothing method '{self.method}': use one of {METHODS}")
-        if self.method == "ema" and not self.time_constant_s > 0:
-            raise ConfigError(f"time_constant_s={self.time_constant_s}: must be > 0 seconds for ema smoothing")
-        if self.average_windows < 1 or self.switch_windows < 1:
-            raise ConfigError("average_windows and switch_windows must be >= 1")
-        if not 0.0 <= self.switch_margin < 1.0:
-            raise ConfigError(f"switch_margin={self.switch_margin}: use a probability difference in [0, 1)")
-        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-            raise ConfigError(f"labels {self.labels}: need at least two distinct labels")
-        return self
 
 
 @dataclass(frozen=True)
@@ -103,20 +80,14 @@ def normalize(probabilities: Sequence[float] | Mapping[str, float], labels: Sequ
     return p / total
 
 
-def softmax(logprobs: Sequence[float]) -> np.ndarray:
-    """Label log-probabilities (e.g. the LLM's sequence log-probabilities) -> a distribution over the labels."""
-    x = np.asarray(logprobs, dtype=np.float64)
-    if not np.all(np.isfinite(x) | (x == -np.inf)) or np.all(x == -np.inf):
-        raise InputError(f"log-probabilities must be finite or -inf, and not all -inf: {x.tolist()}")
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 class Fusion:
     """Feed ``update()`` one window at a time, in increasing window order."""
 
-    def __init__(self, options: FusionOptions = FusionOptions()):
+    def __init__(self, options: FusionConfig = FusionConfig(), labels: tuple = LABELS):
         self.options = options.validate()
+        if len(set(labels)) != len(labels) or len(labels) < 2:
+            raise InputError(f"labels {labels}: need at least two distinct labels")
+        self.labels = tuple(labels)
         self.reset()
 
     def reset(self) -> None:
@@ -137,11 +108,11 @@ class Fusion:
         if self._last_t1 is not None and t1_ns <= self._last_t1:
             raise InputError(f"window end {t1_ns} ns is not after the previous one ({self._last_t1} ns): "
                              "feed windows in order, or reset() after a restart")
-        p = normalize(probabilities, self.options.labels)
+        p = normalize(probabilities, self.labels)
         smoothed = self._smooth(p, t1_ns)
         self._last_t1 = t1_ns
         events = self._hysteresis(smoothed, t1_ns) + self._presence_events(presence, t1_ns)
-        labels = tuple(self.options.labels)
+        labels = tuple(self.labels)
         return FusedEstimate(t0_ns=t0_ns, t1_ns=t1_ns, labels=labels, probabilities=tuple(p.tolist()),
                              smoothed=tuple(smoothed.tolist()), dominant=labels[self._dominant],
                              dominant_since_ns=self._since_ns, events=tuple(events))
@@ -164,7 +135,7 @@ class Fusion:
         return s
 
     def _hysteresis(self, s: np.ndarray, t_ns: int) -> list[FusionEvent]:
-        labels = self.options.labels
+        labels = self.labels
         best = int(np.argmax(s))
         if self._dominant is None:
             self._dominant, self._since_ns = best, t_ns
@@ -182,7 +153,7 @@ class Fusion:
 
     def _change(self, previous: str | None, current: int, s: np.ndarray, t_ns: int) -> FusionEvent:
         return FusionEvent("dominant_changed", t_ns, {
-            "previous": previous, "current": self.options.labels[current], "probability": float(s[current])})
+            "previous": previous, "current": self.labels[current], "probability": float(s[current])})
 
     def _presence_events(self, presence: Mapping | None, t_ns: int) -> list[FusionEvent]:
         if not presence:

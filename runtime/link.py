@@ -1,8 +1,8 @@
 """ZeroMQ links between pipeline stages, newest item wins.
 
 A link is a PUSH socket on the producing side and a PULL socket on the consuming side (inproc:// in one
-process by default; ipc:// or tcp:// to put a stage in another process or on another host). Items are
-multipart messages ``[meta JSON, array bytes...]`` sent without copying the arrays.
+process by default; ipc:// or tcp:// to put a stage in another process or on another host). Items are the
+typed items of runtime/items.py, encoded by its codec.
 
 The consumer side runs a small thread that drains the socket into a one-item slot: when the consuming
 stage is busy, an older item is replaced by the newer one (and counted as dropped), so latency never
@@ -11,56 +11,14 @@ sends fail after ``SNDHWM`` items and are counted as dropped.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 
-import numpy as np
-
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..lazy import require
-
-_ARRAYS = "__arrays__"
-
-
-def encode(item: dict) -> list:
-    """``{name: value}`` -> frames; numpy arrays travel as raw buffers, the rest as strict JSON."""
-    meta, buffers, names = {}, [], []
-    for key, value in item.items():
-        if isinstance(value, np.ndarray):
-            array = np.ascontiguousarray(value)
-            names.append([key, array.dtype.str, list(array.shape)])
-            buffers.append(memoryview(array).cast("B") if array.size else b"")
-        else:
-            meta[key] = value
-    meta[_ARRAYS] = names
-    return [json.dumps(meta, allow_nan=False, default=_json_default).encode()] + buffers
-
-
-def decode(frames: list) -> dict:
-    try:
-        meta = json.loads(bytes(frames[0]))
-        arrays = meta.pop(_ARRAYS)
-        for (key, dtype, shape), frame in zip(arrays, frames[1:], strict=True):
-            meta[key] = np.frombuffer(frame, dtype=np.dtype(dtype)).reshape(shape)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"malformed message on a stage link: {exc}") from exc
-    return meta
-
-
-def as_item(obj) -> dict:
-    """A dataclass (e.g. a Window) as a flat dict for ``encode``."""
-    if is_dataclass(obj):
-        return {f.name: getattr(obj, f.name) for f in fields(obj)}
-    return dict(obj)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
+from ..protocol import check_loopback
+from .items import EndOfInput, decode, encode
 
 @dataclass(frozen=True)
 class LinkOptions:
@@ -79,7 +37,7 @@ class Producer:
         _attach(self._socket, options.endpoint, options.bind_producer)
         self.dropped = 0
 
-    def send(self, item: dict, block_s: float = 0.0) -> bool:
+    def send(self, item, block_s: float = 0.0) -> bool:
         """Send without blocking (``block_s`` 0), or wait up to ``block_s`` for room (lossless mode)."""
         frames = encode(item)
         deadline = time.monotonic() + block_s
@@ -101,8 +59,8 @@ class Consumer:
     """``get(timeout)`` returns the newest item received since the last ``get`` (or None on timeout).
 
     ``keep_newest=False`` (offline file mode) loses nothing: the drain thread waits until the slot is
-    taken, so the producer meets a full queue and waits. An item with ``end`` set is never replaced:
-    it is returned once the slot is empty.
+    taken, so the producer meets a full queue and waits. An :class:`EndOfInput` is never replaced: it is
+    returned once the slot is empty.
     """
 
     def __init__(self, options: LinkOptions, context=None, keep_newest: bool = True):
@@ -127,7 +85,7 @@ class Consumer:
                     continue
                 item = decode(self._socket.recv_multipart(copy=False))
                 with self._cond:
-                    if item.get("end"):
+                    if isinstance(item, EndOfInput):
                         self._end = item
                     else:
                         self.replaced += self._slot is not None
@@ -146,7 +104,7 @@ class Consumer:
                 self._cond.wait(0.05)
             return self._slot is None
 
-    def get(self, timeout_s: float) -> dict | None:
+    def get(self, timeout_s: float):
         with self._cond:
             if self._slot is None and self._end is None:
                 self._cond.wait(timeout_s)
@@ -165,6 +123,8 @@ class Consumer:
 
 def _attach(socket, endpoint: str, bind: bool) -> None:
     zmq = require("zmq")
+    if bind:
+        check_loopback(endpoint)   # a stage link carries raw frames and audio
     try:
         socket.bind(endpoint) if bind else socket.connect(endpoint)
     except zmq.ZMQError as exc:

@@ -14,19 +14,13 @@ import numpy as np
 
 from ..errors import ArtifactError, ConfigError, InputError
 from ..lazy import require
+from ..scoring import log_softmax
 from ..vocab import LlamaTokenizer, quiet_llama_cpp
 
-__all__ = ["LlamaCppScorer", "log_softmax"]
+__all__ = ["LlamaCppScorer"]
 
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}      # GGML_TYPE_* of the KV cache
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log softmax over the last axis, in float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 class LlamaCppScorer:

@@ -12,8 +12,10 @@ import threading
 import time
 import uuid
 
-from ..errors import InputError
+from ..errors import EdgeEmollamaError, InputError
 from ..prompt import prompt_parts
+from ..protocol import TOPICS
+from .llm import LlamaCppScorer
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +23,6 @@ log = logging.getLogger(__name__)
 class ReasoningWorker:
     def __init__(self, stage, publisher, max_tokens: int = 96, threads: int = 0):
         """``stage``: the LlmStage whose weights this worker shares (close the worker first)."""
-        from .llm import LlamaCppScorer
-
         self.spec, self.layout, self.publisher, self.max_tokens = stage.spec, stage.layout, publisher, max_tokens
         self.tokenizer = stage.tokenizer
         self.scorer = LlamaCppScorer(stage.path, n_ctx=stage.n_ctx, n_threads=threads or None,
@@ -51,7 +51,7 @@ class ReasoningWorker:
             self._pending.append((request_id, rows, subtitle, t1_ns))
             self._cond.notify()
         return {"request_id": request_id, "status": "queued", "window_t1_ns": int(t1_ns),
-                "topic": "emollama.v1.reason"}
+                "topic": TOPICS["reason"]}
 
     def _run(self) -> None:
         while True:
@@ -64,7 +64,8 @@ class ReasoningWorker:
             try:
                 self._answer(request_id, rows, subtitle)
             except Exception as exc:   # the request fails, the worker and the stream go on
-                log.error("reasoning request %s failed: %s", request_id, exc)
+                log.error("reasoning request %s failed: %s", request_id, exc,
+                          exc_info=None if isinstance(exc, EdgeEmollamaError) else exc)
                 self.publisher.tracker.record_error("reasoning", exc)
 
     def _answer(self, request_id: str, rows, subtitle: str) -> None:

@@ -5,7 +5,7 @@ Each source fills bounded, thread-safe rings from its own thread (or PortAudio's
 - :class:`FrameRing` holds :class:`Frame` items (RGB uint8, capture time in monotonic ns). Live sources
   keep the newest frames (the oldest fall out); file sources in as-fast-as-possible mode block instead, so
   that no frame is lost while the consumer is behind.
-- :class:`AudioRing` holds float32 mono PCM at 16 kHz as chunks on the same timeline. Consecutive chunks
+- :class:`AudioRing` holds float32 mono PCM at the model's rate (16 kHz) as chunks on the same timeline. Consecutive chunks
   are placed by sample counting (no jitter from callback scheduling); a chunk whose stamp disagrees with the
   count by more than ``continuity_tolerance_s`` (an overrun, a gap, clock drift) re-anchors the count.
   Microphone callbacks arrive late by a varying delay (PulseAudio delivers in bursts); their stamps go through
@@ -14,12 +14,14 @@ Each source fills bounded, thread-safe rings from its own thread (or PortAudio's
 Time ranges are half-open, ``t0 <= t < t1``, so that ``read(t0, t1)`` returns exactly
 ``round((t1 - t0) * rate / 1e9)`` samples and adjacent ranges never share an item.
 
-A source whose thread fails stores the exception and stops; :meth:`Source.check` re-raises it (an
-:class:`InputError` that names the source), and :attr:`Source.finished` turns true. A source may be absent:
+A source whose thread fails stores the exception and stops; :meth:`Source.check` re-raises it (bad input
+as the InputError it is; anything unexpected as itself, with its traceback, after logging which source
+failed), and :attr:`Source.finished` turns true. A source may be absent:
 a window stage takes ``frames=None`` or ``audio=None`` for audio-only or video-only operation.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -30,14 +32,14 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import CameraConfig, FileConfig, MicrophoneConfig
 from ..errors import EdgeEmollamaError, InputError
 from ..lazy import require
 from .clock import NS_PER_S, now_ns
 
-__all__ = [
-    "Frame", "FrameRing", "AudioRing", "Source", "CameraOptions", "CameraSource",
-    "MicrophoneOptions", "MicrophoneSource", "FileOptions", "VideoFileSource",
-]
+__all__ = ["Frame", "FrameRing", "AudioRing", "Source", "CameraSource", "MicrophoneSource", "VideoFileSource"]
+
+log = logging.getLogger(__name__)
 
 _WAIT_S = 0.05  # longest single wait of any loop here, so that stop() is honoured quickly
 
@@ -140,7 +142,7 @@ class FrameRing(_Ring):
 class AudioRing(_Ring):
     """Mono float32 PCM on the monotonic timeline, at most ``capacity_s`` seconds."""
 
-    def __init__(self, sample_rate: int = 16000, capacity_s: float = 30.0, *,
+    def __init__(self, sample_rate: int, capacity_s: float = 30.0, *,
                  continuity_tolerance_s: float = 0.04, block_when_full: bool = False):
         super().__init__(block_when_full)
         self.sample_rate = int(sample_rate)
@@ -266,6 +268,7 @@ class Source:
         self._running = 0
         self._lock = threading.Lock()
         self._error: BaseException | None = None
+        self._reported = False
         self._started = False
 
     # --- life cycle -------------------------------------------------------------------------------------
@@ -305,13 +308,18 @@ class Source:
             return self._started and self._running == 0
 
     def check(self) -> None:
-        """Re-raise the failure of a capture thread, as an error that names this source."""
+        """Re-raise the failure of a capture thread. Bad input stays the error it is; an OSError (a device or
+        file gone) becomes an InputError naming this source; anything else is a bug and is raised unchanged
+        (its type and traceback kept) after logging which source it came from."""
         error = self._error
         if error is None:
             return
-        if isinstance(error, EdgeEmollamaError):
-            raise error
-        raise InputError(f"{self.kind} {self.name} failed: {type(error).__name__}: {error}") from error
+        if isinstance(error, OSError):
+            raise InputError(f"{self.kind} {self.name} failed: {type(error).__name__}: {error}") from error
+        if not isinstance(error, EdgeEmollamaError) and not self._reported:
+            self._reported = True
+            log.error("%s %s failed unexpectedly", self.kind, self.name, exc_info=error)
+        raise error
 
     # --- for subclasses -----------------------------------------------------------------------------------
     def _open(self) -> None:
@@ -349,21 +357,11 @@ class Source:
 
 
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CameraOptions:
-    """``width``/``height``/``fps``: requested from the driver (None: its default)."""
-    width: int | None = None
-    height: int | None = None
-    fps: float | None = None
-    ring_seconds: float = 4.0   # frames kept: W + 4 hops at the defaults
-    max_failed_reads: int = 30  # consecutive failed reads before the camera counts as lost
-
-
 class CameraSource(Source):
     """A camera (index or /dev/videoN) or a stream URL through OpenCV, read in its own thread."""
     kind = "camera"
 
-    def __init__(self, device: int | str = 0, options: CameraOptions = CameraOptions()):
+    def __init__(self, device: int | str = 0, options: CameraConfig = CameraConfig()):
         if isinstance(device, str) and device.isdigit():
             device = int(device)
         super().__init__(str(device), realtime=True)
@@ -378,7 +376,7 @@ class CameraSource(Source):
         if not cap.isOpened():
             cap.release()
             raise InputError(f"camera {self.device} could not be opened: {self._why_not()}. "
-                             "Check the device (is another program using it?), or use --video FILE or --no-camera")
+                             "Check the device and its cable, or use --video FILE")
         for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.options.width),
                             (cv2.CAP_PROP_FRAME_HEIGHT, self.options.height), (cv2.CAP_PROP_FPS, self.options.fps)):
             if value:
@@ -392,7 +390,9 @@ class CameraSource(Source):
     def _why_not(self) -> str:
         if isinstance(self.device, int):
             node = f"/dev/video{self.device}"
-            return f"{node} does not exist" if not os.path.exists(node) else f"OpenCV cannot read {node}"
+            if not os.path.exists(node):
+                return f"{node} does not exist"
+            return f"OpenCV cannot read {node} (is another program using it?)"
         return "OpenCV cannot open this path or URL"
 
     def _read_loop(self) -> None:
@@ -427,27 +427,19 @@ class CameraSource(Source):
 
 
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MicrophoneOptions:
-    sample_rate: int = 16000      # HuBERT's rate; the 'pulse'/'default' ALSA devices resample
-    frames_per_buffer: int = 512  # 32 ms per callback at 16 kHz
-    ring_seconds: float = 30.0
-    latency_s: float | None = 0.0  # capture latency subtracted from the stamps (None: PortAudio's estimate,
-                                   # which over-states it by tens of ms through PulseAudio)
-
-
 class MicrophoneSource(Source):
-    """A microphone through PyAudio (PortAudio), mono int16 at 16 kHz, fed by PortAudio's callback.
+    """A microphone through PyAudio (PortAudio), mono int16 at ``sample_rate``, fed by PortAudio's callback.
 
     ``device``: None (the default input), an index, or a name (exact, else a case-insensitive substring).
     """
     kind = "microphone"
 
-    def __init__(self, device: int | str | None = None, options: MicrophoneOptions = MicrophoneOptions()):
+    def __init__(self, device: int | str | None, sample_rate: int, options: MicrophoneConfig = MicrophoneConfig()):
         if isinstance(device, str) and device.isdigit():
             device = int(device)
         super().__init__("default" if device is None else str(device), realtime=True)
         self.device = device
+        self.sample_rate = int(sample_rate)
         self.options = options
         self.device_name: str | None = None
         self.overflows = 0
@@ -460,14 +452,14 @@ class MicrophoneSource(Source):
         try:
             info = self._resolve(pyaudio)
             self.device_name = info["name"]
-            self.audio = AudioRing(self.options.sample_rate, self.options.ring_seconds)
+            self.audio = AudioRing(self.sample_rate, self.options.ring_seconds)
             self._stream = self._pa.open(
-                format=pyaudio.paInt16, channels=1, rate=self.options.sample_rate, input=True,
+                format=pyaudio.paInt16, channels=1, rate=self.sample_rate, input=True,
                 input_device_index=int(info["index"]), frames_per_buffer=self.options.frames_per_buffer,
                 stream_callback=self._callback, start=False)
         except OSError as exc:
             self._terminate()
-            raise InputError(f"microphone {self.name} could not be opened at {self.options.sample_rate} Hz mono "
+            raise InputError(f"microphone {self.name} could not be opened at {self.sample_rate} Hz mono "
                              f"int16 ({exc}); choose the 'pulse' or 'default' device (they resample) with --mic, "
                              "or use --no-mic") from exc
         except BaseException:
@@ -475,7 +467,7 @@ class MicrophoneSource(Source):
             raise
         latency = self.options.latency_s
         self._latency_ns = int((self._stream.get_input_latency() if latency is None else latency) * NS_PER_S)
-        self._clock = _SampleClock(self.options.sample_rate)
+        self._clock = _SampleClock(self.sample_rate)
         with self._lock:
             self._running = 1  # the PortAudio callback counts as this source's thread
         self._stream.start_stream()
@@ -542,18 +534,8 @@ class MicrophoneSource(Source):
 
 
 # ---------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FileOptions:
-    video: bool = True            # decode the video track (when the file has one)
-    audio: bool = True            # decode the audio track (when the file has one)
-    sample_rate: int = 16000
-    max_width: int | None = 960   # wider frames are scaled down (aspect kept) at decode
-    ring_seconds: float = 4.0
-    audio_ring_seconds: float = 30.0
-
-
 class VideoFileSource(Source):
-    """A video file through PyAV: frames and the audio track (resampled to 16 kHz mono float32).
+    """A video file through PyAV: frames and the audio track (resampled to ``sample_rate`` mono float32).
 
     The file's presentation times are mapped onto the monotonic clock from ``start()``:
     ``t = origin_ns + (pts_seconds - file_start_seconds) * 1e9``. With ``realtime=True`` every item is
@@ -564,9 +546,11 @@ class VideoFileSource(Source):
     """
     kind = "file"
 
-    def __init__(self, path: str | os.PathLike, realtime: bool = True, options: FileOptions = FileOptions()):
+    def __init__(self, path: str | os.PathLike, sample_rate: int, realtime: bool = True,
+                 options: FileConfig = FileConfig()):
         super().__init__(str(path), realtime=realtime)
         self.path = Path(path)
+        self.sample_rate = int(sample_rate)
         self.options = options
         self.origin_ns: int | None = None
         self.fps: float | None = None
@@ -590,7 +574,7 @@ class VideoFileSource(Source):
             capacity = max(2, math.ceil(self.options.ring_seconds * self.fps) + 1)
             self.frames = FrameRing(capacity, block_when_full=block)
         if has_audio:
-            self.audio = AudioRing(self.options.sample_rate, self.options.audio_ring_seconds, block_when_full=block)
+            self.audio = AudioRing(self.sample_rate, self.options.audio_ring_seconds, block_when_full=block)
         self.origin_ns = now_ns()
         if has_video:
             self._spawn("video", self._video_loop)
@@ -636,7 +620,7 @@ class VideoFileSource(Source):
 
     def _audio_loop(self) -> None:
         av = require("av")
-        rate = self.options.sample_rate
+        rate = self.sample_rate
         with av.open(str(self.path)) as container:
             stream = container.streams.audio[0]
             resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
@@ -654,7 +638,7 @@ class VideoFileSource(Source):
                 count += out.samples
 
     def _push_audio(self, samples: np.ndarray, first: float, count: int) -> bool:
-        rate = self.options.sample_rate
+        rate = self.sample_rate
         t = self._timeline(first) + count * NS_PER_S // rate
         if self.realtime and not _sleep_until(t + samples.size * NS_PER_S // rate, self._stop):
             return False

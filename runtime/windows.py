@@ -2,7 +2,7 @@
 
 A window is ``[t0, t1)`` on the monotonic capture clock, ``t1 - t0 = W``; window ``k`` ends at
 ``start + W + k * H``. Audio and video of a window are cut from the same range, so they are aligned by
-construction. For each window (:class:`Window`):
+construction. For each window (:class:`~edge_emollama.runtime.items.WindowItem`):
 
 - the EVA frame: the frame nearest the middle of the window (rule ``middle``, the default; ``first`` as the
   original code; ``last`` for the least latency);
@@ -11,9 +11,12 @@ construction. For each window (:class:`Window`):
   nearest frame that has one;
 - exactly ``videomae.frames`` (16) crops sampled uniformly over the window for VideoMAE (frames repeat when
   the window holds fewer than 16);
-- ``round(W * 16000)`` samples of 16 kHz mono audio for HuBERT (zeros where nothing was captured);
-- presence: ``face_present`` when at least ``min_face_fraction`` of the frames have a detected face;
-  ``audio_present`` when an audio source is active and the window's RMS reaches ``audio_rms_threshold``.
+- ``round(W * rate)`` samples of mono audio at HuBERT's rate for HuBERT (zeros where nothing was captured);
+- presence: a face when at least ``min_face_fraction`` of the frames have a detected face; audio when an
+  audio source is active and the window's RMS reaches ``audio_rms_threshold``.
+
+W, H and the frame rule are the manifest's (what the export recorded); ``runtime.windows`` may override
+them (:meth:`WindowPlan.from_manifest` logs it). The crop size, frame count and sample rate are the model's.
 
 Defaults, W = 2.0 s and H = 0.5 s: HuBERT and VideoMAE need context -- prosody lives in syllables and
 phrases (about 0.2-2 s), a facial expression's onset-apex takes about 0.5-2 s, and 16 VideoMAE frames over
@@ -26,55 +29,69 @@ window instead of queueing. Each frame lies in W/H = 4 windows; its face box is 
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..config import WindowConfig
 from ..errors import ConfigError, InputError
+from ..manifest import Manifest
 from ..spec import FRAME_RULES, ModelSpec
 from .clock import NS_PER_S, now_ns
 from .faces import FaceBox, FaceCache, FaceDetector, crop_square
+from .items import Presence, WindowItem, WindowStamp
 from .sources import AudioRing, Frame, FrameRing, Source
 
-__all__ = ["WindowOptions", "Window", "WindowBuilder", "WindowScheduler", "uniform_indices"]
+__all__ = ["WindowPlan", "WindowBuilder", "WindowScheduler", "uniform_indices"]
 
+log = logging.getLogger(__name__)
 _POLL_S = 0.05
 
 
 @dataclass(frozen=True)
-class WindowOptions:
-    window_s: float = 2.0
-    hop_s: float = 0.5
-    frame_rule: str = "middle"          # EVA frame: middle | first | last
-    face_size: int = 224                # MAE / VideoMAE crop side (the preset's mae.image_size)
-    face_margin: float = 0.25           # crop side = largest box side * (1 + margin)
-    videomae_frames: int = 16           # the preset's videomae.frames
-    sample_rate: int = 16000            # the preset's hubert.sample_rate
-    min_face_fraction: float = 0.3      # of the window's frames with a detected face -> face_present
-    audio_rms_threshold: float = 0.01   # about -40 dBFS -> audio_present
-    max_wait_s: float = 0.25            # live sources: how long after t1 a window waits for late data
-    start_timeout_s: float = 5.0        # how long the first window waits for every source's first data
-    drop_stale: bool | None = None      # skip to the newest ready window when behind (None: when all live)
+class WindowPlan:
+    """What a window is: span, hop and EVA frame rule, the model's input sizes, and the tuning."""
+    window_s: float
+    hop_s: float
+    frame_rule: str
+    face_size: int                      # MAE / VideoMAE crop side (mae.image_size)
+    videomae_frames: int                # videomae.frames
+    sample_rate: int                    # hubert.sample_rate
+    tuning: WindowConfig = field(default_factory=WindowConfig)
 
     @classmethod
-    def for_spec(cls, spec: ModelSpec, **overrides) -> "WindowOptions":
-        """Options with the crop size, VideoMAE frame count and sample rate of a preset."""
-        return cls(face_size=spec.mae.image_size, videomae_frames=spec.videomae.frames,
-                   sample_rate=spec.hubert.sample_rate, **overrides)
+    def for_spec(cls, spec: ModelSpec, window_s: float = 2.0, hop_s: float = 0.5, frame_rule: str = "middle",
+                 **tuning) -> "WindowPlan":
+        return cls(window_s, hop_s, frame_rule, spec.mae.image_size, spec.videomae.frames, spec.hubert.sample_rate,
+                   WindowConfig(**tuning)).validate()
 
-    def validate(self) -> "WindowOptions":
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, config: WindowConfig = WindowConfig()) -> "WindowPlan":
+        """The manifest's window; a value set in ``runtime.windows`` overrides it, and that is logged."""
+        exported = manifest.window
+        chosen = {}
+        for key, recorded in (("window_s", exported.window_s), ("hop_s", exported.hop_s),
+                              ("frame_rule", exported.eva_frame_rule)):
+            value = getattr(config, key)
+            if value is not None and value != recorded:
+                log.warning("runtime.windows.%s = %s overrides the exported %s (manifest): the model sees other "
+                            "windows than the export was configured and validated for", key, value, recorded)
+            chosen[key] = recorded if value is None else value
+        spec = manifest.spec
+        return cls(face_size=spec.mae.image_size, videomae_frames=spec.videomae.frames,
+                   sample_rate=spec.hubert.sample_rate, tuning=config, **chosen).validate()
+
+    def validate(self) -> "WindowPlan":
         if not (self.window_s > 0 and self.hop_s > 0):
             raise ConfigError(f"window_s={self.window_s}, hop_s={self.hop_s}: both must be > 0")
         if self.hop_s > self.window_s:
             raise ConfigError(f"hop_s={self.hop_s} > window_s={self.window_s} would leave gaps: use hop_s <= window_s")
         if self.frame_rule not in FRAME_RULES:
             raise ConfigError(f"frame_rule='{self.frame_rule}': use one of {FRAME_RULES}")
-        if not 0.0 <= self.min_face_fraction <= 1.0:
-            raise ConfigError(f"min_face_fraction={self.min_face_fraction}: use a fraction in [0, 1]")
-        if self.face_size < 8 or self.videomae_frames < 1 or self.sample_rate < 1000:
-            raise ConfigError("face_size >= 8, videomae_frames >= 1 and sample_rate >= 1000 are required")
+        self.tuning.validate()
         return self
 
     @property
@@ -84,44 +101,6 @@ class WindowOptions:
     @property
     def hop_ns(self) -> int:
         return int(round(self.hop_s * NS_PER_S))
-
-
-@dataclass
-class Window:
-    """The raw inputs of one prediction (RGB uint8 images, float32 PCM) and their capture times."""
-    index: int
-    t0_ns: int
-    t1_ns: int
-    frame: np.ndarray | None                 # EVA frame, RGB uint8 [H, W, 3]
-    frame_t_ns: int | None
-    frame_times_ns: np.ndarray               # int64 [N]: every frame of the window
-    face_boxes: np.ndarray                   # int32 [N, 4] x, y, w, h used for each crop; -1 without a face
-    face_detected: np.ndarray                # bool [N]: a face was detected in that very frame
-    face_crops: np.ndarray                   # uint8 [N, S, S, 3] (MAE) when face_present, else [0, S, S, 3]
-    videomae_frames: np.ndarray | None       # uint8 [F, S, S, 3] when face_present
-    videomae_times_ns: np.ndarray | None     # int64 [F]
-    audio: np.ndarray | None                 # float32 [round(W * rate)]; None without an audio source
-    audio_coverage: float
-    audio_rms: float
-    video_active: bool
-    audio_active: bool
-    face_present: bool
-    audio_present: bool
-    timings_ms: dict = field(default_factory=dict)
-    built_ns: int = 0
-
-    @property
-    def face_fraction(self) -> float:
-        return float(self.face_detected.mean()) if self.face_detected.size else 0.0
-
-    def presence(self) -> dict:
-        """The wire form of the presence flags (``presence`` of an estimate)."""
-        return {
-            "video": {"present": bool(self.video_active and self.frame_times_ns.size > 0)},
-            "face": {"present": bool(self.face_present), "fraction": round(self.face_fraction, 4)},
-            "audio": {"present": bool(self.audio_present), "active": bool(self.audio_active),
-                      "rms": round(float(self.audio_rms), 6), "coverage": round(float(self.audio_coverage), 4)},
-        }
 
 
 def uniform_indices(n: int, count: int) -> np.ndarray:
@@ -140,62 +119,63 @@ def _hold_nearest(boxes: list[FaceBox | None]) -> list[FaceBox | None]:
 
 
 class WindowBuilder:
-    """Assembles a :class:`Window` for any ``[t0, t1)`` from a frame ring and/or an audio ring."""
+    """Assembles a :class:`WindowItem` for any ``[t0, t1)`` from a frame ring and/or an audio ring."""
 
-    def __init__(self, frames: FrameRing | None, audio: AudioRing | None, options: WindowOptions = WindowOptions(),
+    def __init__(self, frames: FrameRing | None, audio: AudioRing | None, plan: WindowPlan,
                  faces: FaceCache | None = None):
         if frames is None and audio is None:
             raise ConfigError("a window needs a video source, an audio source or both")
-        self.options = options.validate()
-        if audio is not None and audio.sample_rate != options.sample_rate:
-            raise ConfigError(f"audio ring at {audio.sample_rate} Hz but windows want {options.sample_rate} Hz: "
+        self.plan = plan.validate()
+        if audio is not None and audio.sample_rate != plan.sample_rate:
+            raise ConfigError(f"audio ring at {audio.sample_rate} Hz but windows want {plan.sample_rate} Hz: "
                               "capture at the model's rate")
         self.frames, self.audio = frames, audio
         self.faces = faces if faces is not None or frames is None else FaceCache(FaceDetector())
 
-    def build(self, index: int, t0_ns: int, t1_ns: int) -> Window:
+    def build(self, index: int, t0_ns: int, t1_ns: int) -> WindowItem:
         started = time.perf_counter()
         frames = self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
         timings: dict[str, float] = {}
-        vision = self._vision(frames, timings, (t0_ns + t1_ns) // 2)
+        vision, face, fraction = self._vision(frames, timings, (t0_ns + t1_ns) // 2)
         audio, coverage, rms = self._audio(t0_ns, t1_ns)
         timings["window_ms"] = (time.perf_counter() - started) * 1e3
-        return Window(index=index, t0_ns=t0_ns, t1_ns=t1_ns, audio=audio, audio_coverage=coverage, audio_rms=rms,
-                      video_active=self.frames is not None, audio_active=self.audio is not None and coverage > 0,
-                      audio_present=self.audio is not None and coverage > 0
-                      and rms >= self.options.audio_rms_threshold,
-                      timings_ms=timings, built_ns=now_ns(), **vision)
+        active = self.audio is not None and coverage > 0
+        presence = Presence(video=self.frames is not None and bool(frames), face=face, face_fraction=fraction,
+                            audio=active and rms >= self.plan.tuning.audio_rms_threshold, audio_active=active,
+                            audio_rms=rms, audio_coverage=coverage)
+        return WindowItem(stamp=WindowStamp(index, t0_ns, t1_ns, presence, timings), audio=audio, **vision)
 
-    def _vision(self, frames: list[Frame], timings: dict, middle_ns: int) -> dict:
-        opt = self.options
-        size = opt.face_size
+    def _vision(self, frames: list[Frame], timings: dict, middle_ns: int) -> tuple:
+        plan = self.plan
+        size = plan.face_size
         started = time.perf_counter()
         boxes = [self.faces.get(f.t_ns, f.image) for f in frames]
         timings["faces_ms"] = (time.perf_counter() - started) * 1e3
         detected = np.array([b is not None for b in boxes], bool)
-        present = bool(frames) and float(detected.mean()) >= opt.min_face_fraction and detected.any()
+        fraction = float(detected.mean()) if detected.size else 0.0
+        present = bool(frames) and fraction >= plan.tuning.min_face_fraction and detected.any()
         held = _hold_nearest(boxes)
         started = time.perf_counter()
-        crops = (np.stack([crop_square(f.image, b, size, opt.face_margin) for f, b in zip(frames, held)])
+        crops = (np.stack([crop_square(f.image, b, size, plan.tuning.face_margin) for f, b in zip(frames, held)])
                  if present else np.zeros((0, size, size, 3), np.uint8))
         timings["crops_ms"] = (time.perf_counter() - started) * 1e3
         times = np.array([f.t_ns for f in frames], np.int64)
-        picks = uniform_indices(len(frames), opt.videomae_frames) if present else None
+        picks = uniform_indices(len(frames), plan.videomae_frames) if present else None
         chosen = self._pick_frame(frames, middle_ns)
-        return dict(
+        vision = dict(
             frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
             frame_times_ns=times, face_detected=detected,
             face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in held], np.int32).reshape(-1, 4),
-            face_crops=crops, face_present=present,
-            videomae_frames=crops[picks] if present else None,
+            face_crops=crops, videomae_frames=crops[picks] if present else None,
             videomae_times_ns=times[picks] if present else None)
+        return vision, bool(present), fraction
 
     def _pick_frame(self, frames: list[Frame], middle_ns: int) -> Frame | None:
         if not frames:
             return None
-        if self.options.frame_rule == "first":
+        if self.plan.frame_rule == "first":
             return frames[0]
-        if self.options.frame_rule == "last":
+        if self.plan.frame_rule == "last":
             return frames[-1]
         return min(frames, key=lambda f: abs(f.t_ns - middle_ns))
 
@@ -215,9 +195,9 @@ class WindowScheduler:
     or None on timeout or at the end (then ``ended`` is true); a failed source's error is raised from it.
     """
 
-    def __init__(self, video: Source | None, audio: Source | None, options: WindowOptions = WindowOptions(),
+    def __init__(self, video: Source | None, audio: Source | None, plan: WindowPlan,
                  faces: FaceCache | None = None):
-        self.options = options.validate()
+        self.plan = plan.validate()
         self._frames = video.frames if video is not None else None
         self._audio = audio.audio if audio is not None else None
         self._sources = [s for s in dict.fromkeys(x for x in (video, audio) if x is not None)]
@@ -225,13 +205,13 @@ class WindowScheduler:
         if not self._feeds:
             raise InputError("no capture: the video source has no frames and the audio source no audio "
                              "(give a camera, a microphone or a file with at least one track)")
-        self.builder = WindowBuilder(self._frames, self._audio, options, faces)
-        span_s = options.window_s + options.hop_s
-        if self._audio is not None and self._audio.capacity < span_s * options.sample_rate:
-            raise ConfigError(f"the audio buffer of {audio.name} holds {self._audio.capacity / options.sample_rate:.1f}"
+        self.builder = WindowBuilder(self._frames, self._audio, plan, faces)
+        span_s = plan.window_s + plan.hop_s
+        if self._audio is not None and self._audio.capacity < span_s * plan.sample_rate:
+            raise ConfigError(f"the audio buffer of {audio.name} holds {self._audio.capacity / plan.sample_rate:.1f}"
                               f" s, less than W + H = {span_s} s: raise its ring_seconds")
         live = all(s.realtime for s in self._sources)
-        self.drop_stale = live if options.drop_stale is None else options.drop_stale
+        self.drop_stale = live if plan.tuning.drop_stale is None else plan.tuning.drop_stale
         self._cond = threading.Condition()
         for _, ring in self._feeds:
             ring.add_listener(self._wake)
@@ -254,7 +234,7 @@ class WindowScheduler:
 
     # --- timeline -----------------------------------------------------------------------------------------
     def _t1(self, index: int) -> int:
-        return self.start_ns + self.options.window_ns + index * self.options.hop_ns
+        return self.start_ns + self.plan.window_ns + index * self.plan.hop_ns
 
     @staticmethod
     def _first(ring) -> int | None:
@@ -272,7 +252,7 @@ class WindowScheduler:
             return
         if waiting:
             raise InputError(f"{waiting[0].kind} {waiting[0].name} delivered nothing within "
-                             f"{self.options.start_timeout_s} s of the start: check the device or its cable")
+                             f"{self.plan.tuning.start_timeout_s} s of the start: check the device or its cable")
         known = [t for _, t in firsts if t is not None]
         if not known:
             self.ended = True
@@ -280,7 +260,7 @@ class WindowScheduler:
             self.start_ns = max(known)
 
     def _ready(self, t1_ns: int) -> bool:
-        slack = int(self.options.max_wait_s * NS_PER_S)
+        slack = int(self.plan.tuning.max_wait_s * NS_PER_S)
         for source, ring in self._feeds:
             end = self._end(ring)
             if end is not None and end >= t1_ns or source.finished:
@@ -303,17 +283,17 @@ class WindowScheduler:
         for source, ring in self._feeds:
             if ring.block_when_full and self._stuck(ring):
                 raise ConfigError(f"the {source.kind} buffer of {source.name} is full but holds less than one "
-                                  f"window of {self.options.window_s} s: raise its ring_seconds above W + H")
+                                  f"window of {self.plan.window_s} s: raise its ring_seconds above W + H")
 
     def _stuck(self, ring) -> bool:
         if self.start_ns is None or not isinstance(ring, FrameRing) or len(ring) < ring.capacity:
             return False
-        t0 = self._t1(self.next_index) - self.options.window_ns
+        t0 = self._t1(self.next_index) - self.plan.window_ns
         first, last = ring.first_t_ns(), ring.last_t_ns()
         return first is not None and last is not None and first >= t0 and last < self._t1(self.next_index)
 
     # --- the loop -------------------------------------------------------------------------------------------
-    def next_window(self, timeout_s: float | None = None) -> Window | None:
+    def next_window(self, timeout_s: float | None = None) -> WindowItem | None:
         """The next window once its data is in (None on timeout, or at the end with ``ended`` set).
 
         While it waits, it detects faces on frames already captured, so that a window finds most of its
@@ -321,7 +301,7 @@ class WindowScheduler:
         """
         deadline = None if timeout_s is None else now_ns() + int(timeout_s * NS_PER_S)
         if self._start_deadline is None:
-            self._start_deadline = now_ns() + int(self.options.start_timeout_s * NS_PER_S)
+            self._start_deadline = now_ns() + int(self.plan.tuning.start_timeout_s * NS_PER_S)
         while True:
             busy = self._faces_pending()  # frames to detect: check readiness without waiting, then detect one
             step = now_ns() + (0 if busy else int(_POLL_S * NS_PER_S))
@@ -335,7 +315,7 @@ class WindowScheduler:
         index, t0, t1 = span
         window = self.builder.build(index, t0, t1)  # outside the lock: capture threads never wait on it
         for _, ring in self._feeds:
-            ring.discard_before(self._t1(index + 1) - self.options.window_ns)
+            ring.discard_before(self._t1(index + 1) - self.plan.window_ns)
         return window
 
     def _undetected(self) -> list[Frame]:
@@ -383,4 +363,4 @@ class WindowScheduler:
         index = self.next_index
         self.next_index += 1
         t1 = self._t1(index)
-        return index, t1 - self.options.window_ns, t1
+        return index, t1 - self.plan.window_ns, t1

@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_emollama.export.quantize import quantize_gguf
+from edge_emollama.manifest import load_artifacts
 from edge_emollama.prompt import prompt_parts
-from edge_emollama.runtime.artifacts import load_artifacts
-from edge_emollama.runtime.bench import stats
-from edge_emollama.runtime.fusion import softmax
 from edge_emollama.runtime.llm import LlamaCppScorer
-from edge_emollama.spec import get_preset
+from edge_emollama.scoring import softmax
+from edge_emollama.tools.bench import stats
 from edge_emollama.vocab import LlamaTokenizer
 
 
@@ -50,18 +49,18 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10)
     args = parser.parse_args()
     artifacts = load_artifacts(args.artifacts, verify=False)
-    spec = get_preset(artifacts.preset)
+    spec = artifacts.spec
     f16 = artifacts.path(format="gguf", quant="F16")
     rng = np.random.default_rng(0)
     rows = [(0.02 * rng.standard_normal((spec.media_rows, spec.llama.hidden))).astype(np.float32)
             for _ in range(args.windows)]
-    pieces = [list(p) for p in artifacts.manifest["label_pieces"]]
+    pieces = [list(p) for p in artifacts.manifest.label_pieces]
     with tempfile.TemporaryDirectory(dir=f16.parent.parent) as tmp:
         start = time.perf_counter()
         quantized = quantize_gguf(f16, Path(tmp) / f"llm.{args.qtype}.gguf", args.qtype)
         quantize_s = time.perf_counter() - start
         parts = prompt_parts(LlamaTokenizer(artifacts.root / "vocab.gguf"), spec, "i really think so",
-                             artifacts.manifest["prompt"]["layout"])
+                             artifacts.manifest.prompt.layout)
         f16_ms, f16_p = time_scorer(f16, rows, parts, pieces, args.n_gpu_layers)
         q_ms, q_p = time_scorer(quantized, rows, parts, pieces, args.n_gpu_layers)
     same = np.mean([np.argmax(a) == np.argmax(b) for a, b in zip(f16_p, q_p)])

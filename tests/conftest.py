@@ -18,10 +18,12 @@ def real_vocab() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_tok():
-    from edge_emollama.vocab import tiny_tokenizer
+def tiny_tok(tmp_path_factory):
+    """The tiny preset's tokenizer: its built-in vocabulary written as a vocab-only GGUF."""
+    from edge_emollama.export.gguf_writer import write_vocab_gguf
+    from edge_emollama.vocab import LlamaTokenizer, tiny_vocab
 
-    return tiny_tokenizer()
+    return LlamaTokenizer(write_vocab_gguf(tiny_vocab(), tmp_path_factory.mktemp("vocab") / "tiny-vocab.gguf"))
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,7 @@ def tiny_artifacts(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample_clip(tmp_path_factory):
-    from edge_emollama.runtime.sample_clip import write_sample_clip
+    from edge_emollama.tools.sample_clip import write_sample_clip
 
     return write_sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4", seconds=4.0)
 
@@ -72,3 +74,16 @@ def endpoints():
     """Fresh loopback TCP endpoints for one test (publish, control), ports chosen by the OS."""
     publish, control = free_ports(2)
     return f"tcp://127.0.0.1:{publish}", f"tcp://127.0.0.1:{control}"
+
+
+def runtime_config(artifacts, endpoints=None, *, video=None, realtime=True, **changes):
+    """The runtime's configuration for a test: one thread per stage, the given sources and endpoints."""
+    from edge_emollama.config import (ControlConfig, EncoderConfig, LlmConfig, PublishConfig, RuntimeConfig,
+                                      SourcesConfig)
+
+    endpoints = endpoints or ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    base = dict(artifacts=str(artifacts), sources=SourcesConfig(video=None if video is None else str(video),
+                                                                realtime=realtime),
+                encoders=EncoderConfig(threads=1), llm=LlmConfig(threads=1),
+                publish=PublishConfig(endpoint=endpoints[0]), control=ControlConfig(endpoint=endpoints[1]))
+    return RuntimeConfig(**{**base, **changes})

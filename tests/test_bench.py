@@ -3,14 +3,15 @@ the timed windows, and a failing optional section is reported without losing the
 import json
 
 from edge_emollama.cli import main
-from edge_emollama.runtime import bench
-from edge_emollama.runtime.bench import BenchOptions, run_bench
+from edge_emollama.config import RuntimeConfig
+from edge_emollama.tools import bench
+from edge_emollama.tools.bench import BenchOptions, run_bench
 
 
 def test_bench_figures_hang_together_and_the_labels_match_the_reference(tiny_artifacts, tmp_path):
     progress = tmp_path / "bench.json"
-    report = run_bench(BenchOptions(artifacts=str(tiny_artifacts), windows=4, reference=True, clip=False,
-                                    progress=str(progress)))
+    report = run_bench(BenchOptions(RuntimeConfig(artifacts=str(tiny_artifacts)), windows=4, reference=True,
+                                    clip=False, progress=str(progress)))
     assert report["errors"] == {}
     latency = report["stage_latency_ms"]
     assert latency["window"]["n"] == 4 and latency["window"]["p95"] >= latency["window"]["p50"] > 0

@@ -63,7 +63,21 @@ def test_peft_default_adapter_names_are_accepted(written, tmp_path, tiny_tok):
             model[key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")] = model.pop(key)
     written_copy = type(written)(**vars(written))
     written_copy.emotion_llama = _rewrite(written, tmp_path, rename_all)
-    load_reference(TINY, written_copy, tiny_tok)
+    merged = load_reference(TINY, written_copy, tiny_tok).llama_model
+    # the adapters under PEFT's names were merged: W = W_base + (alpha / r) B A, layer by layer
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(str(written.llama_dir), torch_dtype=torch.float32)
+    state = torch.load(written.emotion_llama, weights_only=True)["model"]
+    scale = TINY.lora.alpha / TINY.lora.r
+    for layer in range(TINY.llama.layers):
+        for target in ("q_proj", "v_proj"):
+            stem = f"{LORA_PREFIX}{layer}.self_attn.{target}"
+            a, b = state[f"{stem}.lora_A.weight"].double(), state[f"{stem}.lora_B.weight"].double()
+            want = getattr(base.model.layers[layer].self_attn, target).weight.double() + scale * b @ a
+            got = getattr(merged.model.layers[layer].self_attn, target).weight.double()
+            assert scale * (b @ a).abs().max() > 1e-3        # the adapter changes the weight measurably
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_corrupt_and_missing_files_name_the_file_and_fix(written, tmp_path):

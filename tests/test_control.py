@@ -8,9 +8,12 @@ import zmq
 
 from edge_emollama.errors import ConfigError
 from edge_emollama.runtime.clock import now_ns
-from edge_emollama.runtime.control import ControlOptions, ControlServer, request
+from edge_emollama.client import request
+from edge_emollama.config import ControlConfig, PublishConfig
+from edge_emollama.runtime.control import ControlServer
 from edge_emollama.runtime.fusion import Fusion
-from edge_emollama.runtime.publish import Publisher, PublisherOptions, message_errors, schema_errors
+from edge_emollama.protocol import message_errors, schema_errors
+from edge_emollama.runtime.publish import Publisher
 from edge_emollama.spec import LABELS
 
 S = 1_000_000_000
@@ -30,8 +33,8 @@ def ctx():
 
 @pytest.fixture
 def served(ctx):
-    pub = Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx).start()
-    server = ControlServer.for_publisher(pub, ControlOptions(endpoint="tcp://127.0.0.1:*", max_request_bytes=4096))
+    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx).start()
+    server = ControlServer.for_publisher(pub, ControlConfig(endpoint="tcp://127.0.0.1:*", max_request_bytes=4096))
     server.start()
     yield pub, server
     server.close()
@@ -63,7 +66,7 @@ def test_latest_for_late_joiners(served, ctx):
                 "audio": {"present": False, "active": False, "rms": 0.0, "coverage": 0.0}}
     t = now_ns()
     est = fusion.update(np.arange(1, len(LABELS) + 1), t - 2 * S, t, presence)
-    pub.publish_estimate(est, presence, {"llm_ms": 3.0}, 0)
+    pub.publish_estimate(est, presence, {"llm_ms": 3.0}, 0, "ema")
     deadline = time.monotonic() + 3
     while pub.latest() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -161,5 +164,29 @@ def test_client_that_never_reads_does_not_block(served, ctx):
 def test_bind_conflict(served, ctx):
     _, server = served
     with pytest.raises(ConfigError, match="cannot bind the control socket"):
-        ControlServer(ControlOptions(endpoint=server.endpoint), status=dict, latest=lambda t: None,
+        ControlServer(ControlConfig(endpoint=server.endpoint), status=dict, latest=lambda t: None,
                       context=ctx).start()
+
+
+def test_a_dead_control_thread_shows_in_the_status(served, ctx, monkeypatch, caplog):
+    """A failure of the control loop itself (injected here) stops answering but not the stream: the status
+    says so, with the component named, and the log keeps the traceback."""
+    pub, server = served
+
+    def broken(frames):
+        raise RuntimeError("injected control failure")
+
+    monkeypatch.setattr(server, "_answer", broken)
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.endpoint)
+    sock.send(b'{"verb": "ping"}')
+    deadline = time.monotonic() + 5
+    while server.error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sock.close(0)
+    status = pub.tracker.snapshot()
+    assert status["state"] == "degraded" and any("control stopped" in r and "injected" in r for r in status["reasons"])
+    assert status["counters"]["errors"] == 1 and status["last_error"]["stage"] == "control"
+    assert "Traceback" in caplog.text and "injected control failure" in caplog.text
+    server.error = None   # the fixture checks that no other test left the server dead

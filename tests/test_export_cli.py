@@ -6,7 +6,7 @@ import pytest
 
 from edge_emollama.cli import main
 from edge_emollama.errors import ArtifactError
-from edge_emollama.runtime.artifacts import load_artifacts
+from edge_emollama.manifest import load_artifacts
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +18,15 @@ def tiny_export(tmp_path_factory):
 
 def test_export_writes_every_format_and_a_verified_manifest(tiny_export):
     artifacts = load_artifacts(tiny_export)
-    kinds = {(e["format"], e.get("branch"), e.get("precision"), e.get("quant")) for e in artifacts.manifest["artifacts"]}
+    kinds = {(e.format, e.branch, e.precision, e.quant) for e in artifacts.manifest.artifacts}
     for branch in ("eva", "mae", "videomae", "hubert"):
         assert ("onnx", branch, "fp32", None) in kinds and ("onnx", branch, "fp16", None) in kinds
     assert {q for f, _, _, q in kinds if f == "gguf"} == {"F16", "Q8_0", "Q4_K_M"}
     manifest = artifacts.manifest
-    assert manifest["labels"][0] == "happy" and manifest["prompt"]["layout"] == "inference"
-    assert manifest["media"]["rows"] == 8 and manifest["features"]["mae"] == "real"
-    assert "tensorrt" in manifest["skipped_formats"] and "pip install" in manifest["skipped_formats"]["tensorrt"]
+    assert manifest.labels[0] == "happy" and manifest.prompt.layout == "inference"
+    assert manifest.media.rows == 8 and manifest.features.mae == "real"
+    assert manifest.spec == artifacts.spec and manifest.spec.name == "tiny" and manifest.window.hop_s == 0.5
+    assert "tensorrt" in manifest.skipped_formats and "pip install" in manifest.skipped_formats["tensorrt"]
     assert not list(tiny_export.parent.glob(".tiny.partial-*"))
 
 
@@ -53,7 +54,7 @@ def test_tampered_artifact_is_refused(tiny_export, tmp_path):
 
 
 def test_verified_files_are_hashed_again_only_when_they_change(tiny_export, tmp_path, monkeypatch):
-    from edge_emollama.runtime import artifacts
+    from edge_emollama import manifest as artifacts
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_export, copy)
@@ -124,7 +125,8 @@ def test_space_estimate_covers_the_full_size_formats(tmp_path):
     from edge_emollama.export.pipeline import space_needed
     from edge_emollama.reference.model import EmotionLlamaReference
     from edge_emollama.spec import EMOTION_LLAMA
-    from edge_emollama.vocab import LlamaTokenizer, tiny_vocab, write_vocab_gguf
+    from edge_emollama.export.gguf_writer import write_vocab_gguf
+    from edge_emollama.vocab import LlamaTokenizer, tiny_vocab
 
     tokenizer = LlamaTokenizer(write_vocab_gguf(tiny_vocab(), tmp_path / "vocab.gguf"))
     with torch.device("meta"):

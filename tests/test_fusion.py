@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from edge_emollama.errors import ConfigError, InputError
-from edge_emollama.runtime.fusion import Fusion, FusionOptions, normalize, softmax
+from edge_emollama.config import FusionConfig
+from edge_emollama.runtime.fusion import Fusion, normalize
+from edge_emollama.scoring import softmax
 from edge_emollama.spec import LABELS
 
 S = 1_000_000_000
@@ -25,7 +27,7 @@ def feed(fusion: Fusion, dists, start: int = 0):
 @pytest.mark.parametrize("method", ["ema", "moving_average", "none"])
 def test_outputs_are_distributions(method):
     rng = np.random.default_rng(1)
-    fusion = Fusion(FusionOptions(method=method))
+    fusion = Fusion(FusionConfig(method=method))
     for est in feed(fusion, rng.random((50, len(LABELS))) ** 3):
         for vec in (est.probabilities, est.smoothed):
             assert len(vec) == len(LABELS)
@@ -37,7 +39,7 @@ def test_outputs_are_distributions(method):
 
 def test_ema_follows_time_constant():
     tau = 1.5
-    fusion = Fusion(FusionOptions(method="ema", time_constant_s=tau))
+    fusion = Fusion(FusionConfig(method="ema", time_constant_s=tau))
     a, b = one_hot("happy"), one_hot("sad")
     first = fusion.update(a, 0, 2 * S)
     assert np.allclose(first.smoothed, a / a.sum())
@@ -50,10 +52,10 @@ def test_ema_follows_time_constant():
 def test_none_and_moving_average():
     rng = np.random.default_rng(2)
     dists = rng.random((6, len(LABELS)))
-    raw = Fusion(FusionOptions(method="none"))
+    raw = Fusion(FusionConfig(method="none"))
     for est, p in zip(feed(raw, dists), dists):
         assert np.allclose(est.smoothed, p / p.sum())
-    avg = Fusion(FusionOptions(method="moving_average", average_windows=3))
+    avg = Fusion(FusionConfig(method="moving_average", average_windows=3))
     out = feed(avg, dists)
     expected = np.mean([p / p.sum() for p in dists[-3:]], axis=0)
     assert np.allclose(out[-1].smoothed, expected / expected.sum())
@@ -68,7 +70,7 @@ def test_first_estimate_sets_dominant_with_event():
 
 
 def test_hysteresis_needs_margin_for_n_windows():
-    opts = FusionOptions(method="none", switch_margin=0.1, switch_windows=2)
+    opts = FusionConfig(method="none", switch_margin=0.1, switch_windows=2)
     fusion = Fusion(opts)
     close = np.zeros(len(LABELS))
     close[LABELS.index("happy")], close[LABELS.index("sad")] = 0.46, 0.54  # sad leads by 0.08 < margin
@@ -106,8 +108,8 @@ def test_bad_inputs_are_refused():
         normalize({"joy": 1.0})
 
 
-@pytest.mark.parametrize("opts", [FusionOptions(method="kalman"), FusionOptions(time_constant_s=0),
-                                  FusionOptions(switch_windows=0), FusionOptions(switch_margin=1.5)])
+@pytest.mark.parametrize("opts", [FusionConfig(method="kalman"), FusionConfig(time_constant_s=0),
+                                  FusionConfig(switch_windows=0), FusionConfig(switch_margin=1.5)])
 def test_bad_options(opts):
     with pytest.raises(ConfigError):
         Fusion(opts)

@@ -18,7 +18,8 @@ pytest.importorskip("llama_cpp")
 from edge_emollama.errors import ArtifactError, InputError  # noqa: E402
 from edge_emollama.export.gguf_writer import write_llama_gguf  # noqa: E402
 from edge_emollama.prompt import label_pieces  # noqa: E402
-from edge_emollama.runtime.llm import LlamaCppScorer, log_softmax  # noqa: E402
+from edge_emollama.runtime.llm import LlamaCppScorer  # noqa: E402
+from edge_emollama.scoring import log_softmax  # noqa: E402
 from edge_emollama.spec import LABELS, LlamaSpec  # noqa: E402
 from edge_emollama.vocab import tiny_vocab  # noqa: E402
 

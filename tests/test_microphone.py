@@ -16,9 +16,10 @@ import pytest
 from edge_emollama.errors import InputError
 from edge_emollama.runtime.clock import NS_PER_S, now_ns
 from edge_emollama.runtime.sources import MicrophoneSource
-from edge_emollama.runtime.windows import WindowOptions, WindowScheduler
+from edge_emollama.runtime.windows import WindowPlan, WindowScheduler
+from edge_emollama.spec import TINY
 
-RATE = 16000
+RATE = TINY.hubert.sample_rate   # the model's rate: the virtual microphone delivers at it
 MISSING = [tool for tool in ("pulseaudio", "pactl") if shutil.which(tool) is None]
 try:
     import pyaudio  # noqa: F401
@@ -94,10 +95,10 @@ class Feeder:
 
 def test_microphone_capture_through_pulseaudio(virtual_mic):
     with Feeder(virtual_mic, burst_at_s=1.6) as feeder:
-        mic = MicrophoneSource(None).start()  # the default input: ALSA 'default' -> PulseAudio -> virtmic
+        mic = MicrophoneSource(None, RATE).start()  # the default input: ALSA 'default' -> PulseAudio -> virtmic
         try:
             # back-to-back windows (W = H), so that together they hold the whole capture
-            scheduler = WindowScheduler(None, mic, WindowOptions(window_s=1.0, hop_s=1.0))
+            scheduler = WindowScheduler(None, mic, WindowPlan.for_spec(TINY, window_s=1.0, hop_s=1.0))
             deadline = time.monotonic() + 8
             windows = []
             while time.monotonic() < deadline and len(windows) < 3:
@@ -110,7 +111,7 @@ def test_microphone_capture_through_pulseaudio(virtual_mic):
     assert mic.finished and mic.error is None and mic.device_name
     assert len(windows) == 3 and [w.audio.size for w in windows] == [RATE] * 3
     assert np.all(np.diff([w.t0_ns for w in windows]) == NS_PER_S)
-    assert mic.audio.resyncs <= 1 and min(w.audio_coverage for w in windows) > 0.99  # contiguous, bursts or not
+    assert mic.audio.resyncs <= 1 and min(w.presence.audio_coverage for w in windows) > 0.99  # contiguous, bursts or not
     samples = np.concatenate([w.audio for w in windows])
     loud = np.flatnonzero(np.abs(samples) > 0.1)
     assert loud.size > 0.1 * RATE, "the burst written into the FIFO did not arrive"
@@ -118,12 +119,12 @@ def test_microphone_capture_through_pulseaudio(virtual_mic):
     assert abs(np.argmax(spectrum) * RATE / 1600 - 440) <= 20
     placed = windows[0].t0_ns + loud[0] * NS_PER_S // RATE
     assert abs(placed - feeder.burst_ns) < 0.2 * NS_PER_S           # capture time within 200 ms of the write
-    assert not windows[0].audio_present and any(w.audio_present for w in windows[1:])  # silence, then the burst
+    assert not windows[0].presence.audio and any(w.presence.audio for w in windows[1:])  # silence, then the burst
 
 
 def test_unknown_microphone_lists_the_devices(virtual_mic):
     with pytest.raises(InputError) as info:
-        MicrophoneSource("no-such-microphone").start()
+        MicrophoneSource("no-such-microphone", RATE).start()
     message = str(info.value)
     assert "no-such-microphone" in message and "pulse" in message and "--no-mic" in message
 
@@ -135,7 +136,7 @@ def test_no_input_device_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PULSE_SERVER", "XDG_RUNTIME_DIR")}
     env["XDG_RUNTIME_DIR"] = str(tmp_path)  # no PulseAudio server there
     code = ("from edge_emollama.runtime.sources import MicrophoneSource\n"
-            "try:\n    MicrophoneSource().start().stop()\n    print('OPENED')\n"
+            "try:\n    MicrophoneSource(None, 16000).start().stop()\n    print('OPENED')\n"
             "except Exception as e:\n    print('ERROR', type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60).stdout
     if "OPENED" in out or "no microphone" not in out and "could not be opened" in out:

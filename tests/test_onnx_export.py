@@ -3,8 +3,9 @@ import numpy as np
 import onnx
 import pytest
 
+from edge_emollama.branches import BRANCHES
 from edge_emollama.export.onnx_export import convert_fp16, export_branch
-from edge_emollama.export.validate import ENCODER_LIMITS, encoder_parity
+from edge_emollama.export.validate import encoder_parity
 from edge_emollama.spec import TINY
 
 
@@ -24,7 +25,7 @@ def exported(tmp_path_factory, tiny_reference):
 def test_onnx_matches_pytorch_on_fresh_inputs(exported, tiny_reference, branch, precision):
     rng = np.random.default_rng()   # fresh draws: frame counts 1..16, audio 0.5..3 s
     row = encoder_parity(tiny_reference, TINY, branch, precision, exported[branch][precision], rng, trials=3)
-    assert row["max_rel_err"] <= ENCODER_LIMITS[precision], row
+    assert row["max_rel_err"] <= BRANCHES[branch].tolerance[precision] == row["limit"], row
     assert row["max_rel_err"] > 0 or precision == "fp32"
 
 
@@ -57,4 +58,4 @@ def test_models_over_the_protobuf_limit_convert_with_float32_convolutions(tmp_pa
     assert convs and all(initializers.get(n.input[1]) == onnx.TensorProto.FLOAT for n in convs)
     assert any(t == onnx.TensorProto.FLOAT16 for t in initializers.values())
     row = encoder_parity(tiny_reference, TINY, "videomae", "fp16", fp16, np.random.default_rng(), trials=2)
-    assert 0 < row["max_rel_err"] <= ENCODER_LIMITS["fp16"], row
+    assert 0 < row["max_rel_err"] <= BRANCHES["videomae"].tolerance["fp16"], row

@@ -10,12 +10,14 @@ from edge_emollama.lazy import require
 BLOCK_TORCH = "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
 
 
-def test_runtime_and_cli_import_without_torch():
-    code = BLOCK_TORCH + ("import edge_emollama.runtime.pipeline, edge_emollama.runtime.bench, edge_emollama.commands, "
-                          "edge_emollama.cli; from edge_emollama.cli import main; "
-                          "sys.exit(main(['run', '--help']) if False else 0)")
+def test_the_runtime_runs_without_torch(tiny_artifacts, sample_clip, endpoints):
+    """`edge-emollama run` on a file, end to end, in a process where torch and transformers cannot be imported."""
+    argv = ["run", "--video", str(sample_clip), "--artifacts", str(tiny_artifacts), "--fast", "--max-windows", "2",
+            "--publish", endpoints[0], "--control", endpoints[1]]
+    code = BLOCK_TORCH + f"from edge_emollama.cli import main; sys.exit(main({argv!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.count("window ") == 2 and "stopped after 2 estimates" in result.stderr
 
 
 def test_export_without_torch_names_the_install_command():

@@ -5,17 +5,19 @@ import time
 
 import numpy as np
 
-from edge_emollama.runtime.control import ControlOptions, request
+from edge_emollama.client import listen, request
+from edge_emollama.config import FileConfig, PublishConfig, ReasoningConfig
+from edge_emollama.protocol import message_errors
+from edge_emollama.runtime.items import Presence, RowsItem, WindowStamp
 from edge_emollama.runtime.link import Consumer, LinkOptions, Producer
-from edge_emollama.runtime.listen import listen
-from edge_emollama.runtime.pipeline import Pipeline, RunOptions
-from edge_emollama.runtime.publish import PublisherOptions, message_errors
+from edge_emollama.runtime.pipeline import Pipeline
+from edge_emollama.spec import LABELS
+
+from conftest import runtime_config
 
 
-def _options(artifacts, clip, endpoints, **kw):
-    pub, ctl = endpoints
-    return RunOptions(artifacts=str(artifacts), video=str(clip), publisher=PublisherOptions(endpoint=pub),
-                      control=ControlOptions(endpoint=ctl), threads=1, **kw)
+def _options(artifacts, clip, endpoints, realtime=True, **kw):
+    return runtime_config(artifacts, endpoints, video=clip, realtime=realtime, **kw)
 
 
 class Recorder:
@@ -71,26 +73,29 @@ def test_clip_run_publishes_valid_ordered_estimates(tiny_artifacts, sample_clip,
 
 
 def test_runtime_distribution_equals_the_reference(tiny_artifacts, tiny_tok):
+    """The encoder and LLM stages against the reference on fresh windows, the preprocessing written out here
+    from preprocess.py's functions (not through the branch declarations the stages use)."""
     from edge_emollama import preprocess
+    from edge_emollama.config import LlmConfig
+    from edge_emollama.manifest import load_artifacts
     from edge_emollama.reference.synthetic import build_random
-    from edge_emollama.runtime.artifacts import load_artifacts
+    from edge_emollama.runtime.items import synthetic_window
     from edge_emollama.runtime.stages import EncoderStage, LlmStage
     from edge_emollama.spec import TINY
 
     artifacts = load_artifacts(tiny_artifacts)
-    encoders, llm = EncoderStage(artifacts, parallel=False), LlmStage(artifacts, threads=1)
+    encoders, llm = EncoderStage(artifacts, parallel=False), LlmStage(artifacts, LlmConfig(threads=1))
     reference = build_random(TINY, tiny_tok, seed=0)
     rng = np.random.default_rng()
     for frames in (3, 11):
         crops = rng.integers(0, 255, (frames, 32, 32, 3), dtype=np.uint8)
-        item = {"frame": rng.integers(0, 255, (90, 120, 3), dtype=np.uint8), "face_present": True,
-                "face_crops": crops, "videomae_frames": crops[np.linspace(0, frames - 1, 16).astype(int)],
-                "audio": (0.1 * rng.standard_normal(32000)).astype(np.float32), "audio_present": True}
-        got = llm(encoders(item)["rows"], "i feel good")["probabilities"]
-        inputs = {"eva": preprocess.eva_pixels(item["frame"], TINY),
-                  "mae": preprocess.face_batch(list(crops), TINY),
-                  "videomae": preprocess.video_clip(list(item["videomae_frames"]), TINY),
-                  "hubert": preprocess.audio_pcm(item["audio"], TINY)}
+        item = synthetic_window(TINY, rng, crops=crops)
+        item.frame = rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)
+        got = llm(encoders(item)[0], "i feel good")[0]
+        inputs = {"eva": {"pixels": preprocess.eva_pixels(item.frame, TINY)},
+                  "mae": {"faces": preprocess.face_batch(list(crops), TINY)},
+                  "videomae": {"clip": preprocess.video_clip(list(item.videomae_frames), TINY)},
+                  "hubert": {"pcm": preprocess.audio_pcm(item.audio, TINY)}}
         want = reference.label_distribution(reference.media_block(inputs), "i feel good")
         assert np.argmax(got) == np.argmax(want)
         assert float(np.sum(want * (np.log(want) - np.log(got)))) < 1e-3   # the export's F16 tolerance
@@ -98,12 +103,9 @@ def test_runtime_distribution_equals_the_reference(tiny_artifacts, tiny_tok):
 
 
 def test_video_only_run_states_absent_audio(tiny_artifacts, sample_clip, endpoints):
-    from edge_emollama.runtime.sources import FileOptions
-
     seen = []
-    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False, file=FileOptions(audio=False),
-                       on_estimate=lambda fused, item: seen.append(item["presence"]))
-    pipeline = Pipeline(options).start()
+    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False, file=FileConfig(audio=False))
+    pipeline = Pipeline(options, on_estimate=lambda fused, item: seen.append(item.presence.to_wire())).start()
     assert pipeline.wait(timeout_s=90)
     pipeline.close()
     pipeline.raise_errors()
@@ -112,7 +114,8 @@ def test_video_only_run_states_absent_audio(tiny_artifacts, sample_clip, endpoin
 
 def test_control_survives_malformed_requests_and_explain_returns_text(tiny_artifacts, sample_clip, endpoints):
     recorder = Recorder(endpoints[0])
-    pipeline = Pipeline(_options(tiny_artifacts, sample_clip, endpoints, realtime=True, reason_tokens=12)).start()
+    pipeline = Pipeline(_options(tiny_artifacts, sample_clip, endpoints,
+                                 reasoning=ReasoningConfig(max_tokens=12))).start()
     try:
         deadline = time.monotonic() + 20
         while not recorder.of("estimate") and time.monotonic() < deadline:
@@ -148,8 +151,8 @@ def test_an_absent_or_idle_subscriber_never_blocks(tiny_artifacts, sample_clip, 
     idle.setsockopt(zmq.RCVHWM, 1)
     idle.setsockopt_string(zmq.SUBSCRIBE, "")
     idle.connect(endpoints[0])                       # connected, never reads
-    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False)
-    options.publisher = PublisherOptions(endpoint=endpoints[0], sndhwm=1)
+    options = _options(tiny_artifacts, sample_clip, endpoints, realtime=False,
+                       publish=PublishConfig(endpoint=endpoints[0], sndhwm=1))
     start = time.monotonic()
     pipeline = Pipeline(options).start()
     assert pipeline.wait(timeout_s=90)
@@ -164,14 +167,16 @@ def test_links_keep_the_newest_item_or_lose_nothing():
         endpoint = f"inproc://test-link-{keep_newest}"
         producer = Producer(LinkOptions(endpoint, sndhwm=100))
         consumer = Consumer(LinkOptions(endpoint, rcvhwm=100), keep_newest=keep_newest)
-        sent = 0
+        sent, presence = 0, Presence(True, True, 1.0, False, False, 0.0, 0.0)
         for i in range(20):
-            sent += producer.send({"i": i, "rows": np.full((2, 3), i, np.float32)}, block_s=1.0)
+            item = RowsItem(WindowStamp(i, i, i + 1, presence, {"window_ms": 0.5}), np.full((2, 3), i, np.float32))
+            sent += producer.send(item, block_s=1.0)
         time.sleep(0.5)
         got = []
         while (item := consumer.get(0.3)) is not None:
-            got.append(item["i"])
-            assert np.all(item["rows"] == item["i"])
+            assert isinstance(item, RowsItem) and item.presence == presence and item.stamp.timings_ms["window_ms"] == 0.5
+            got.append(item.index)
+            assert np.all(item.rows == item.index) and item.rows.dtype == np.float32
         if keep_newest:
             assert got[-1] == 19 and consumer.replaced + len(got) == 20
         else:
@@ -190,4 +195,5 @@ def test_listen_validates_what_it_prints(tiny_artifacts, sample_clip, endpoints,
     pipeline.stop()
     pipeline.raise_errors()
     assert result["r"].estimates == 3 and result["r"].invalid == 0
-    assert "happy" in capsys.readouterr().out or True
+    lines = [line for line in capsys.readouterr().out.splitlines() if "latency=" in line]
+    assert len(lines) == 3 and all(any(label in line for label in LABELS) for line in lines)

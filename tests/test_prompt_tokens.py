@@ -3,7 +3,8 @@ import pytest
 
 from edge_emollama.prompt import label_pieces, prompt_parts
 from edge_emollama.spec import EMOTION_LLAMA, LABELS, TINY, build_prompt
-from edge_emollama.vocab import LlamaTokenizer, tiny_vocab, vocab_from_gguf
+from edge_emollama.export.gguf_writer import read_gguf_vocab
+from edge_emollama.vocab import LlamaTokenizer, tiny_vocab
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_label_pieces_with_the_real_vocabulary(llama2):
 
 
 def test_real_vocab_reads_as_32000_llama_pieces(real_vocab):
-    vocab = vocab_from_gguf(real_vocab)
+    vocab = read_gguf_vocab(real_vocab)
     assert len(vocab) == 32000 and vocab.tokens[1] == "<s>" and vocab.bos_id == 1
 
 

@@ -13,11 +13,11 @@ import zmq
 from edge_emollama.errors import ConfigError, InputError
 from edge_emollama.runtime.clock import ClockAnchor, now_ns
 from edge_emollama.runtime.fusion import Fusion
-from edge_emollama.runtime.listen import listen, main as listen_main
-from edge_emollama.runtime.publish import (
-    TOPICS, Publisher, PublisherOptions, StatusTracker, decode_message, load_schema, message_errors,
-    set_heartbeats,
-)
+from edge_emollama.cli import main
+from edge_emollama.client import listen
+from edge_emollama.config import HeartbeatConfig, PublishConfig
+from edge_emollama.protocol import TOPICS, decode_message, load_schema, message_errors, set_heartbeats
+from edge_emollama.runtime.publish import Publisher, StatusTracker
 from edge_emollama.spec import LABELS
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -77,7 +77,7 @@ def publish_windows(pub: Publisher, n: int, face=True, audio=True):
     for k in range(n):
         est = fusion.update(rng.random(len(LABELS)), t + k * S // 2, t + 2 * S + k * S // 2,
                             presence(face, audio))
-        assert pub.publish_estimate(est, presence(face, audio), {"window_ms": 1.5, "llm_ms": 20.0}, k)
+        assert pub.publish_estimate(est, presence(face, audio), {"window_ms": 1.5, "llm_ms": 20.0}, k, "ema")
         for event in est.events:
             assert pub.publish_event(event, (est.t0_ns, est.t1_ns))
 
@@ -94,7 +94,7 @@ def test_topics_are_dotted_versioned_and_prefix_free():
 
 
 def test_messages_are_strict_valid_and_sequenced(ctx):
-    with Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx) as pub:
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx) as pub:
         sub = subscriber(ctx, pub.endpoint)
         wait_joined(pub, sub)
         publish_windows(pub, 12, face=False)
@@ -130,7 +130,7 @@ def test_messages_are_strict_valid_and_sequenced(ctx):
 
 
 def test_status_about_every_interval_and_final_stopped(ctx):
-    pub = Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*", status_interval_s=0.1), context=ctx).start()
+    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.1), context=ctx).start()
     sub = subscriber(ctx, pub.endpoint, topic=TOPICS["status"].encode())
     wait_joined(pub, sub)
     start = time.monotonic()
@@ -144,7 +144,7 @@ def test_status_about_every_interval_and_final_stopped(ctx):
 
 
 def test_slow_subscriber_never_blocks(ctx):
-    opts = PublisherOptions(endpoint="tcp://127.0.0.1:*", sndhwm=4, status_interval_s=0.5)
+    opts = PublishConfig(endpoint="tcp://127.0.0.1:*", sndhwm=4, status_interval_s=0.5)
     with Publisher(opts, context=ctx) as pub:
         lazy = subscriber(ctx, pub.endpoint, rcvhwm=4)  # connected, subscribed, never reads
         wait_joined(pub, lazy)
@@ -152,7 +152,7 @@ def test_slow_subscriber_never_blocks(ctx):
         start = time.monotonic()
         accepted = 0
         for k in range(10_000):
-            accepted += pub.publish_estimate(est, presence(), {}, k)
+            accepted += pub.publish_estimate(est, presence(), {}, k, "ema")
         took = time.monotonic() - start
         assert took < 10.0, f"publishing 10000 messages took {took:.1f} s"
         deadline = time.monotonic() + 5.0
@@ -165,7 +165,7 @@ def test_slow_subscriber_never_blocks(ctx):
         # the publisher still serves a fresh subscriber
         fresh = subscriber(ctx, pub.endpoint)
         wait_joined(pub, fresh)   # joined (a fixed sleep lost the one message on a loaded machine)
-        pub.publish_estimate(est, presence(), {}, 10_001)
+        pub.publish_estimate(est, presence(), {}, 10_001, "ema")
         topic = None
         deadline = time.monotonic() + 2.0
         while topic != TOPICS["estimate"] and time.monotonic() < deadline:
@@ -176,7 +176,7 @@ def test_slow_subscriber_never_blocks(ctx):
 
 
 def test_bad_payloads_fail_in_the_caller(ctx):
-    with Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*"), context=ctx) as pub:
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*"), context=ctx) as pub:
         with pytest.raises(InputError, match="strict JSON"):
             pub.publish("event", {"kind": "error", "t_ns": 1, "stage": "x", "message": float("nan")})
         with pytest.raises(InputError, match="unknown message kind"):
@@ -186,22 +186,22 @@ def test_bad_payloads_fail_in_the_caller(ctx):
         assert pub.publish("event", {"kind": "error", "t_ns": 1, "stage": "encoders", "message": "ok"})
         assert pub.error is None
     with pytest.raises(ConfigError, match="before start"):
-        Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*"), context=ctx).publish("event", {})
+        Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*"), context=ctx).publish("event", {})
 
 
 def test_bind_conflict_is_a_config_error(ctx):
-    with Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*"), context=ctx) as first:
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*"), context=ctx) as first:
         with pytest.raises(ConfigError, match="cannot bind"):
-            Publisher(PublisherOptions(endpoint=first.endpoint), context=ctx).start()
+            Publisher(PublishConfig(endpoint=first.endpoint), context=ctx).start()
 
 
 def test_heartbeats_are_set(ctx):
-    with Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*", heartbeat_ivl_ms=700), context=ctx) as pub:
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", heartbeat=HeartbeatConfig(ivl_ms=700)), context=ctx) as pub:
         assert pub._socket.getsockopt(zmq.HEARTBEAT_IVL) == 700
         assert pub._socket.getsockopt(zmq.HEARTBEAT_TIMEOUT) == 3000
         assert pub._socket.getsockopt(zmq.SNDHWM) == 16
     sock = ctx.socket(zmq.SUB)
-    set_heartbeats(sock, 500, 1500, 2000)
+    set_heartbeats(sock, HeartbeatConfig(500, 1500, 2000))
     assert (sock.getsockopt(zmq.HEARTBEAT_IVL), sock.getsockopt(zmq.HEARTBEAT_TTL)) == (500, 2000)
     sock.close(0)
 
@@ -248,7 +248,7 @@ def test_schema_rejects_what_it_should():
 
 
 def test_listen_validates_and_prints(ctx):
-    with Publisher(PublisherOptions(endpoint="tcp://127.0.0.1:*", status_interval_s=0.1), context=ctx) as pub:
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.1), context=ctx) as pub:
         out, err, result = io.StringIO(), io.StringIO(), {}
         thread = threading.Thread(target=lambda: result.update(r=listen(
             pub.endpoint, count=5, timeout=10.0, show_status=True, out=out, err=err, context=ctx)))
@@ -291,5 +291,5 @@ def test_listen_reports_invalid_messages_and_gaps(ctx):
 def test_listen_main_exit_codes(ctx, capsys):
     raw = ctx.socket(zmq.PUB)
     port = raw.bind_to_random_port("tcp://127.0.0.1")
-    assert listen_main([f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 2  # nothing arrived
+    assert main(["listen", f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 2  # nothing arrived
     raw.close(0)

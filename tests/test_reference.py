@@ -3,17 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from edge_emollama.export.onnx_export import example_inputs
+from edge_emollama.branches import BRANCHES, MAE
 from edge_emollama.prompt import label_pieces, prompt_parts
 from edge_emollama.reference.vit import resize_pos_embed
 from edge_emollama.spec import EMOTION_LLAMA, TINY
 
 
 def _inputs(rng, frames=5, seconds=1.2):
-    named = {}
-    for branch, key in (("eva", "pixels"), ("mae", "faces"), ("videomae", "clip"), ("hubert", "pcm")):
-        named[branch] = example_inputs(TINY, branch, rng, frames=frames, seconds=seconds)[key]
-    return named
+    """Every branch's feed ({branch: {input: array}}), drawn fresh."""
+    return {name: b.example_inputs(TINY, rng, frames=frames, seconds=seconds) for name, b in BRANCHES.items()}
 
 
 def test_real_shapes_match_the_paper():
@@ -29,12 +27,12 @@ def test_media_block_order_and_patch_grouping(tiny_reference):
     rows = ref.media_block(inputs)
     assert rows.shape == (TINY.media_rows, TINY.llama.hidden)
     with torch.no_grad():
-        embeds = ref.ln_vision(ref.visual_encoder(torch.from_numpy(inputs["eva"])))[0]
+        embeds = ref.ln_vision(ref.visual_encoder(torch.from_numpy(inputs["eva"]["pixels"])))[0]
         patches = embeds[1:]
         group = torch.cat([patches[4 * 1 + i] for i in range(4)])   # the second group of 4 consecutive patches
         np.testing.assert_allclose(rows[1], ref.llama_proj(group).numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rows[-1], ref.cls_tk_llama_proj(embeds[0]).numpy(), rtol=1e-5, atol=1e-5)
-        face = ref.feats_llama_proj1(ref.face_encoder(torch.from_numpy(inputs["mae"])).mean(0))
+        face = ref.feats_llama_proj1(ref.face_encoder(torch.from_numpy(inputs["mae"]["faces"])).mean(0))
         np.testing.assert_allclose(rows[TINY.patch_rows], face.numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -43,11 +41,13 @@ def test_zero_features_feed_the_projector_bias(tiny_reference):
     start = TINY.patch_rows
     np.testing.assert_allclose(rows[start], tiny_reference.feats_llama_proj1.bias.detach().numpy(), rtol=1e-6)
     np.testing.assert_allclose(rows[start + 2], tiny_reference.feats_llama_proj3.bias.detach().numpy(), rtol=1e-6)
+    absent = tiny_reference.media_block({"eva": _inputs(np.random.default_rng())["eva"]})   # no face, no audio
+    np.testing.assert_allclose(absent[start:start + 3], tiny_reference.zero_rows(), rtol=1e-6)
 
 
 def test_face_branch_averages_over_any_number_of_frames(tiny_reference):
     rng = np.random.default_rng()
-    faces = torch.from_numpy(example_inputs(TINY, "mae", rng, frames=6)["faces"])
+    faces = torch.from_numpy(MAE.example_inputs(TINY, rng, frames=6)["faces"])
     unit = tiny_reference.branches()["mae"]
     with torch.no_grad():
         whole = unit(faces)

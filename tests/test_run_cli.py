@@ -8,11 +8,10 @@ import time
 import zmq
 
 from edge_emollama.cli import main
-from edge_emollama.runtime.control import ControlOptions
-from edge_emollama.runtime.pipeline import Pipeline, RunOptions
-from edge_emollama.runtime.publish import PublisherOptions
+from edge_emollama.config import ReasoningConfig
+from edge_emollama.runtime.pipeline import Pipeline
 
-from conftest import free_port
+from conftest import free_port, runtime_config
 
 
 def test_missing_camera_and_missing_source_are_one_clear_error(tiny_artifacts, capsys, endpoints):
@@ -60,13 +59,11 @@ def test_stages_split_over_tcp_links(tiny_artifacts, sample_clip, endpoints):
     """capture+encode in one pipeline, llm+publish in another, linked by a TCP socket (as two hosts would)."""
     rows = f"tcp://127.0.0.1:{free_port()}"
     pub, ctl = endpoints
-    common = dict(artifacts=str(tiny_artifacts), threads=1, reasoning=False)
-    back = Pipeline(RunOptions(stages=("llm", "publish"), links={"rows": rows},
-                               publisher=PublisherOptions(endpoint=pub), control=ControlOptions(endpoint=ctl),
-                               lossless=True, **common)).start()
-    front = Pipeline(RunOptions(stages=("capture", "encode"), video=str(sample_clip), realtime=False,
-                                links={"rows": rows},
-                                **common)).start()
+    off = ReasoningConfig(enabled=False)
+    back = Pipeline(runtime_config(tiny_artifacts, endpoints, stages=["llm", "publish"], links={"rows": rows},
+                                   reasoning=off), lossless=True).start()
+    front = Pipeline(runtime_config(tiny_artifacts, video=sample_clip, realtime=False, stages=["capture", "encode"],
+                                    links={"rows": rows}, reasoning=off)).start()
     assert front.wait(timeout_s=90) and back.wait(timeout_s=60)
     front.close()
     back.close()
@@ -75,14 +72,51 @@ def test_stages_split_over_tcp_links(tiny_artifacts, sample_clip, endpoints):
     assert back.published >= 5
 
 
-def test_camera_brings_the_default_microphone_unless_told_otherwise(tiny_artifacts):
-    from edge_emollama.commands import argparse_namespace, run_options
-    from edge_emollama.config import Config
+def test_camera_brings_the_default_microphone_unless_told_otherwise():
+    from edge_emollama.cli import build_parser, overrides
+    from edge_emollama.commands import sources_of
+    from edge_emollama.config import load_config
 
-    def mic(**kw):
-        return run_options(argparse_namespace(artifacts=str(tiny_artifacts), **kw), Config()).microphone
+    def mic(*argv):
+        args = build_parser().parse_args(["run", *argv])
+        args.settings = overrides(args)
+        return sources_of(args, load_config(overrides=args.settings).runtime).microphone
 
-    assert mic(camera="0") == "default"
-    assert mic(camera="0", no_mic=True) is None
-    assert mic(camera="0", mic="USB") == "USB"
-    assert mic(video="clip.mp4") is None
+    assert mic("--camera", "0") == "default"
+    assert mic("--camera", "0", "--no-mic") is None
+    assert mic("--camera", "0", "--mic", "USB") == "USB"
+    assert mic("--video", "clip.mp4") is None
+
+
+def test_an_internal_error_is_not_bad_input(monkeypatch, capsys, tmp_path):
+    """A bug exits 1 as an internal error: one line (and the hint) without -v, the traceback with -v and in the
+    --log file; bad input stays exit 2 with one line."""
+    from edge_emollama import commands
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(commands, "listen", bug)
+    assert main(["listen", "tcp://127.0.0.1:1", "--timeout", "0.1", "--log", str(tmp_path / "run.log")]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: ZeroDivisionError: division by zero" in err and "rerun with -v" in err
+    assert "Traceback" not in err and "Traceback" in (tmp_path / "run.log").read_text()
+    assert main(["listen", "tcp://127.0.0.1:1", "-v"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_global_options_before_or_after_the_subcommand(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("runtime:\n  fusion:\n    method: kalman\n")
+    for argv in (["--config", str(bad), "listen", "--timeout", "0.1"], ["listen", "--timeout", "0.1", "--config", str(bad)]):
+        assert main(argv) == 2
+        assert "runtime.fusion.method = 'kalman'" in capsys.readouterr().err
+
+
+def test_explain_honours_its_timeout(capsys):
+    pub, ctl = free_port(), free_port()
+    start = time.monotonic()
+    code = main(["explain", "--control", f"tcp://127.0.0.1:{ctl}", "--publish", f"tcp://127.0.0.1:{pub}",
+                 "--timeout", "1"])
+    assert code == 2 and time.monotonic() - start < 2.0
+    assert "no reply from the control socket" in capsys.readouterr().err

@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 
 from edge_emollama.errors import ConfigError, InputError
-from edge_emollama.runtime.clock import NS_PER_S, ClockAnchor, now_ns, run_anchor, to_utc_iso
+from edge_emollama.runtime.clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
 from edge_emollama.runtime.faces import FaceDetector
-from edge_emollama.runtime.sample_clip import synth_voice, write_sample_clip
-from edge_emollama.runtime.sources import (
-    AudioRing, CameraSource, FileOptions, Frame, FrameRing, Source, VideoFileSource,
-)
+from edge_emollama.tools.sample_clip import synth_voice, write_sample_clip
+from edge_emollama.config import FileConfig
+from edge_emollama.runtime.sources import AudioRing, CameraSource, Frame, FrameRing, Source, VideoFileSource
+from edge_emollama.spec import TINY
+
+RATE = TINY.hubert.sample_rate
 
 av = pytest.importorskip("av")
 FPS, SECONDS = 20, 6.0
@@ -39,7 +41,7 @@ def test_sample_clip_has_video_audio_and_a_detected_face(clip):
     assert sum(b is not None for b in found) >= 0.9 * len(sampled)
     box = next(b for b in found if b is not None)
     assert 60 <= box.h <= 220 and 0 <= box.x < 320
-    with VideoFileSource(clip, realtime=False, options=FileOptions(video=False)) as src:
+    with VideoFileSource(clip, RATE, realtime=False, options=FileConfig(video=False)) as src:
         deadline = time.monotonic() + 10
         while not src.finished and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -73,7 +75,7 @@ def test_clock_anchor():
     assert abs(anchor.to_utc_ns(now_ns()) - time.time_ns()) < 50_000_000
     assert anchor.to_utc_iso(anchor.monotonic_ns).endswith("Z")
     assert anchor.to_utc_ns(anchor.monotonic_ns + NS_PER_S) == anchor.utc_ns + NS_PER_S
-    assert run_anchor() is run_anchor() and to_utc_iso(now_ns())[:4].isdigit()
+    assert run_anchor() is run_anchor() and run_anchor().to_utc_iso(now_ns())[:4].isdigit()
 
 
 # --- rings --------------------------------------------------------------------------------------------------
@@ -143,25 +145,26 @@ def test_missing_camera_is_a_clear_error():
     with pytest.raises(InputError) as info:
         CameraSource(99).start()
     message = str(info.value)
-    assert "camera 99 could not be opened" in message and "--video FILE" in message and "--no-camera" in message
+    assert "camera 99 could not be opened" in message and "/dev/video99 does not exist" in message
+    assert "--video FILE" in message and "--no-camera" not in message and "another program" not in message
     with pytest.raises(InputError, match="could not be opened"):
         CameraSource("/nonexistent/video.mjpeg").start()
 
 
 def test_file_errors(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        VideoFileSource(tmp_path / "missing.mp4").start()
+        VideoFileSource(tmp_path / "missing.mp4", RATE).start()
     junk = tmp_path / "junk.mp4"
     junk.write_bytes(b"this is not a video" * 100)
     with pytest.raises(InputError, match="cannot decode"):
-        VideoFileSource(junk).start()
+        VideoFileSource(junk, RATE).start()
     clip = write_sample_clip(tmp_path / "tiny.mp4", seconds=0.5, voice="synth")
     with pytest.raises(InputError, match="no usable track"):
-        VideoFileSource(clip, options=FileOptions(video=False, audio=False)).start()
+        VideoFileSource(clip, RATE, options=FileConfig(video=False, audio=False)).start()
 
 
 def test_file_offline_delivers_every_frame_in_order(clip):
-    src = VideoFileSource(clip, realtime=False, options=FileOptions(ring_seconds=0.5))
+    src = VideoFileSource(clip, RATE, realtime=False, options=FileConfig(ring_seconds=0.5))
     seen = []
     with src:
         deadline = time.monotonic() + 15
@@ -184,7 +187,7 @@ def test_file_offline_delivers_every_frame_in_order(clip):
 
 def test_file_realtime_pacing(tmp_path):
     clip = write_sample_clip(tmp_path / "short.mp4", seconds=1.5, voice="synth")
-    src = VideoFileSource(clip, realtime=True)
+    src = VideoFileSource(clip, RATE, realtime=True)
     lags = []
     with src:
         deadline = time.monotonic() + 6
@@ -201,9 +204,9 @@ def test_file_realtime_pacing(tmp_path):
 
 
 def test_audio_only_and_video_only(clip):
-    with VideoFileSource(clip, realtime=False, options=FileOptions(audio=False)) as video_only:
+    with VideoFileSource(clip, RATE, realtime=False, options=FileConfig(audio=False)) as video_only:
         assert video_only.audio is None and video_only.frames is not None
-    with VideoFileSource(clip, realtime=False, options=FileOptions(video=False)) as audio_only:
+    with VideoFileSource(clip, RATE, realtime=False, options=FileConfig(video=False)) as audio_only:
         assert audio_only.frames is None and audio_only.audio is not None
 
 
@@ -211,13 +214,17 @@ class _Failing(Source):
     """A real source whose capture thread dies: the base class must record and report it."""
     kind = "camera"
 
+    def __init__(self, name, realtime, error=OSError("USB device disconnected")):
+        super().__init__(name, realtime)
+        self.failure = error
+
     def _open(self):
         self.frames = FrameRing(4)
         self._spawn("reader", self._body)
 
     def _body(self):
         self.frames.put(frame(1))
-        raise OSError("USB device disconnected")
+        raise self.failure
 
 
 def test_thread_failure_is_recorded_and_reported():
@@ -231,8 +238,20 @@ def test_thread_failure_is_recorded_and_reported():
     src.stop()
 
 
+def test_a_bug_in_a_capture_thread_is_not_relabelled_as_bad_input(caplog):
+    src = _Failing("test-cam", realtime=True, error=ZeroDivisionError("division by zero")).start()
+    deadline = time.monotonic() + 2
+    while not src.finished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(ZeroDivisionError) as info:
+        src.check()
+    assert info.value.__traceback__ is not None and "_body" in str(info.traceback[-1])
+    assert "camera test-cam failed unexpectedly" in caplog.text and "Traceback" in caplog.text
+    src.stop()
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install espeak-ng)")
 def test_espeak_voice(tmp_path):
-    from edge_emollama.runtime.sample_clip import espeak_voice
+    from edge_emollama.tools.sample_clip import espeak_voice
     x = espeak_voice("hello there", 2.0)
     assert x.size == 32000 and np.sqrt(np.mean(x ** 2)) > 0.01

@@ -6,13 +6,16 @@ import pytest
 
 from edge_emollama.errors import ConfigError
 from edge_emollama.runtime.clock import NS_PER_S
-from edge_emollama.runtime.faces import FaceBox, FaceCache, FaceDetector, FaceOptions, crop_square
-from edge_emollama.runtime.sample_clip import write_sample_clip
-from edge_emollama.runtime.sources import FileOptions, VideoFileSource
-from edge_emollama.runtime.windows import WindowOptions, WindowScheduler, uniform_indices
+from edge_emollama.config import FaceConfig, FileConfig
+from edge_emollama.runtime.faces import FaceBox, FaceCache, FaceDetector, crop_square
+from edge_emollama.tools.sample_clip import write_sample_clip
+from edge_emollama.runtime.sources import VideoFileSource
+from edge_emollama.runtime.windows import WindowPlan, WindowScheduler, uniform_indices
 from edge_emollama.spec import EMOTION_LLAMA, TINY
 
-FAST_FACES = FaceOptions(detect_width=160, min_size_frac=0.3, scale_factor=1.2)  # same cascade, fewer scales
+RATE = TINY.hubert.sample_rate
+
+FAST_FACES = FaceConfig(detect_width=160, min_size_frac=0.3, scale_factor=1.2)  # same cascade, fewer scales
 FPS, SECONDS = 20, 6.0
 
 
@@ -34,7 +37,7 @@ def blank(tmp_path_factory):
 
 
 def run_windows(path, options, realtime=False, video=True, audio=True, faces=None, limit_s=20.0):
-    src = VideoFileSource(path, realtime=realtime, options=FileOptions(video=video, audio=audio))
+    src = VideoFileSource(path, RATE, realtime=realtime, options=FileConfig(video=video, audio=audio))
     with src:
         scheduler = WindowScheduler(src if video else None, src if audio else None, options,
                                     faces or FaceCache(FaceDetector(FAST_FACES)))
@@ -51,12 +54,12 @@ def run_windows(path, options, realtime=False, video=True, audio=True, faces=Non
 
 @pytest.fixture(scope="module")
 def offline(clip):
-    return run_windows(clip, WindowOptions.for_spec(EMOTION_LLAMA))
+    return run_windows(clip, WindowPlan.for_spec(EMOTION_LLAMA))
 
 
 def test_window_timing_invariants(offline):
     scheduler, windows = offline
-    opts = scheduler.options
+    opts = scheduler.plan
     assert len(windows) == int((SECONDS - opts.window_s) / opts.hop_s) + 1 and scheduler.dropped == 0
     assert [w.index for w in windows] == list(range(len(windows)))
     t0s = np.array([w.t0_ns for w in windows])
@@ -74,19 +77,19 @@ def test_window_holds_the_encoders_inputs(offline):
     for w in windows:
         n = w.frame_times_ns.size
         assert n == pytest.approx(2.0 * FPS, abs=1)
-        assert w.face_present and w.face_fraction >= 0.9
+        assert w.presence.face and w.presence.face_fraction >= 0.9
         assert w.face_crops.shape == (n, size, size, 3) and w.face_crops.dtype == np.uint8
         assert w.videomae_frames.shape == (frames, size, size, 3) and w.videomae_frames.dtype == np.uint8
         assert np.all(np.diff(w.videomae_times_ns) > 0)  # 16 distinct frames, in time order, over the window
         assert w.videomae_times_ns[0] - w.t0_ns <= 0.15 * NS_PER_S  # spread over the whole window
         assert w.t1_ns - w.videomae_times_ns[-1] <= 0.15 * NS_PER_S
         assert abs(w.audio.size - 2.0 * 16000) <= 1 and w.audio.dtype == np.float32
-        assert w.audio_coverage == 1.0 and w.audio_present and w.audio_active
+        assert w.presence.audio_coverage == 1.0 and w.presence.audio and w.presence.audio_active
         assert w.frame.shape == (240, 320, 3) and w.frame.dtype == np.uint8
         assert abs(w.frame_t_ns - (w.t0_ns + w.t1_ns) / 2) <= NS_PER_S / FPS / 2 + 1  # rule 'middle'
         assert w.frame_t_ns in w.frame_times_ns
         assert np.all(w.face_boxes[:, 2] > 60)
-        presence = w.presence()
+        presence = w.presence.to_wire()
         assert presence["face"]["present"] is True and presence["audio"]["present"] is True
 
 
@@ -99,7 +102,7 @@ def test_face_detection_runs_once_per_frame(offline):
 
 def test_frame_rules_and_tiny_preset(short):
     for rule in ("first", "last"):
-        _, windows = run_windows(short, WindowOptions.for_spec(TINY, frame_rule=rule, window_s=1.0, hop_s=1.0))
+        _, windows = run_windows(short, WindowPlan.for_spec(TINY, frame_rule=rule, window_s=1.0, hop_s=1.0))
         w = windows[1]
         assert w.frame_t_ns == (w.frame_times_ns[0] if rule == "first" else w.frame_times_ns[-1])
         assert w.face_crops.shape[1:] == (TINY.mae.image_size, TINY.mae.image_size, 3)
@@ -107,28 +110,28 @@ def test_frame_rules_and_tiny_preset(short):
 
 
 def test_video_only_and_audio_only(short):
-    _, video = run_windows(short, WindowOptions.for_spec(TINY, window_s=1.0), audio=False)
-    assert video and all(w.audio is None and not w.audio_present and not w.audio_active for w in video)
-    assert video[0].presence()["audio"] == {"present": False, "active": False, "rms": 0.0, "coverage": 0.0}
-    _, audio = run_windows(short, WindowOptions.for_spec(TINY, window_s=1.0), video=False)
-    assert audio and all(w.frame is None and w.videomae_frames is None and not w.face_present for w in audio)
-    assert all(w.audio.size == 16000 for w in audio) and any(w.audio_present for w in audio)
-    assert audio[0].presence()["video"] == {"present": False}
+    _, video = run_windows(short, WindowPlan.for_spec(TINY, window_s=1.0), audio=False)
+    assert video and all(w.audio is None and not w.presence.audio and not w.presence.audio_active for w in video)
+    assert video[0].presence.to_wire()["audio"] == {"present": False, "active": False, "rms": 0.0, "coverage": 0.0}
+    _, audio = run_windows(short, WindowPlan.for_spec(TINY, window_s=1.0), video=False)
+    assert audio and all(w.frame is None and w.videomae_frames is None and not w.presence.face for w in audio)
+    assert all(w.audio.size == 16000 for w in audio) and any(w.presence.audio for w in audio)
+    assert audio[0].presence.to_wire()["video"] == {"present": False}
 
 
 def test_absent_face_and_silence_are_stated(blank):
-    _, windows = run_windows(blank, WindowOptions.for_spec(TINY, window_s=1.0, hop_s=0.5))
+    _, windows = run_windows(blank, WindowPlan.for_spec(TINY, window_s=1.0, hop_s=0.5))
     assert windows
     for w in windows:
-        assert not w.face_present and w.face_crops.shape[0] == 0 and w.videomae_frames is None
+        assert not w.presence.face and w.face_crops.shape[0] == 0 and w.videomae_frames is None
         assert w.frame is not None                    # EVA still sees the scene
-        assert w.audio_active and not w.audio_present and w.audio_rms < 0.01
-        assert w.presence()["face"]["present"] is False and w.presence()["audio"]["present"] is False
+        assert w.presence.audio_active and not w.presence.audio and w.presence.audio_rms < 0.01
+        assert w.presence.to_wire()["face"]["present"] is False and w.presence.to_wire()["audio"]["present"] is False
 
 
 def test_live_scheduler_skips_to_the_newest_window(short):
-    src = VideoFileSource(short, realtime=True)
-    opts = WindowOptions.for_spec(TINY, window_s=0.5, hop_s=0.125)
+    src = VideoFileSource(short, RATE, realtime=True)
+    opts = WindowPlan.for_spec(TINY, window_s=0.5, hop_s=0.125)
     with src:
         scheduler = WindowScheduler(src, src, opts, FaceCache(FaceDetector(FAST_FACES)))
         assert scheduler.drop_stale
@@ -152,16 +155,16 @@ def test_crop_square_pads_outside_the_frame():
     assert crop.shape == (32, 32, 3) and crop[0, 0, 0] == 200 and crop[-1, -1, 0] == 0
 
 
-@pytest.mark.parametrize("opts", [WindowOptions(hop_s=3.0), WindowOptions(frame_rule="peak"),
-                                  WindowOptions(window_s=0), WindowOptions(min_face_fraction=2.0)])
-def test_bad_window_options(opts):
+@pytest.mark.parametrize("bad", [dict(hop_s=3.0), dict(frame_rule="peak"), dict(window_s=0),
+                                 dict(min_face_fraction=2.0)])
+def test_bad_window_options(bad):
     with pytest.raises(ConfigError):
-        opts.validate()
+        WindowPlan.for_spec(TINY, **bad)
 
 
 def test_too_small_ring_is_reported_not_deadlocked(clip):
-    src = VideoFileSource(clip, realtime=False, options=FileOptions(ring_seconds=0.5))
+    src = VideoFileSource(clip, RATE, realtime=False, options=FileConfig(ring_seconds=0.5))
     with src:
-        scheduler = WindowScheduler(src, src, WindowOptions.for_spec(TINY))
+        scheduler = WindowScheduler(src, src, WindowPlan.for_spec(TINY))
         with pytest.raises(ConfigError, match="ring_seconds"):
             scheduler.next_window(timeout_s=10.0)

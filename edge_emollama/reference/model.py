@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..branches import FEATURES, assemble_media
 from ..prompt import label_pieces, prompt_parts
-from ..runtime.fusion import softmax
-from ..spec import FEATURE_BRANCHES, ModelSpec
+from ..scoring import softmax
+from ..spec import ModelSpec
 from .audio import build_hubert
 from .branches import AudioBranch, EvaBranch, FaceBranch, FaceFrameBranch, VideoBranch
 from .llm import build_llama
@@ -62,25 +63,22 @@ class EmotionLlamaReference(nn.Module):
         return torch.cat([p(zeros) for p in projs]).float().cpu().numpy()
 
     @torch.no_grad()
-    def media_block(self, inputs: dict, zeros: tuple = ()) -> np.ndarray:
-        """[media_rows, hidden] in the documented order from preprocessed numpy inputs.
-
-        ``inputs`` has ``eva`` (pixels) and, for branches not listed in ``zeros``, ``mae`` (faces),
-        ``videomae`` (clip) and ``hubert`` (pcm).
-        """
+    def media_block(self, feeds: dict, zeros: tuple = ()) -> np.ndarray:
+        """[media_rows, hidden] in the documented order from the branches' feeds (``{branch: {input: array}}``,
+        edge_emollama/branches.py). A feature branch listed in ``zeros`` or absent from ``feeds`` gives its zero
+        row, as the runtime does for a window without that input."""
         units = self.branches()
-        patch_rows, cls_row = units["eva"](self._tensor(inputs["eva"]))
+        patch_rows, cls_row = units["eva"](*self._tensors(feeds["eva"]))
         zero = self.zero_rows()
-        rows = [patch_rows]
-        for i, name in enumerate(FEATURE_BRANCHES):
-            rows.append(self._tensor(zero[i:i + 1]) if name in zeros else units[name](self._tensor(inputs[name])))
-        rows.append(cls_row)
-        return torch.cat(rows).float().cpu().numpy()
+        rows = [zero[i:i + 1] if b.name in zeros or b.name not in feeds else _numpy(units[b.name](*self._tensors(feeds[b.name])))
+                for i, b in enumerate(FEATURES)]
+        return assemble_media(_numpy(patch_rows), rows, _numpy(cls_row))
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        """A numpy input on this model's device and dtype (CPU float32 for tests, CUDA fp16 for timing)."""
+    def _tensors(self, feed: dict) -> list:
+        """A branch's numpy feed as tensors on this model's device and dtype (CPU float32 for tests, CUDA fp16
+        for timing), in the order of its inputs."""
         weight = self.llama_proj.weight
-        return torch.from_numpy(np.ascontiguousarray(array)).to(weight.device, weight.dtype)
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(weight.device, weight.dtype) for a in feed.values()]
 
     # -- the LLM ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -110,6 +108,10 @@ class EmotionLlamaReference(nn.Module):
         media = torch.from_numpy(np.ascontiguousarray(media_rows, dtype=np.float32)).to(device, dtype)
         chunks = [embed(torch.tensor(p, device=device)) if isinstance(p, list) else media[p[1]:p[2]] for p in parts]
         return torch.cat(chunks)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy()
 
 
 def _cache_kwarg(llama, cache) -> dict:

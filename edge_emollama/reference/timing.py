@@ -4,22 +4,22 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
+
+from ..branches import window_feeds
+from ..prompt import prompt_parts
 
 
 @torch.no_grad()
 def time_reference(reference, windows: list, subtitle: str, decode_tokens: int = 4) -> list:
-    """Per window: {"encoders_ms", "llm_ms", "window_ms"}; ``windows`` are raw window items (the same dicts
-    the runtime's encoder stage takes), preprocessed inside the timed span as the runtime's are."""
-    from ..prompt import prompt_parts
-
+    """Per window: {"encoders_ms", "llm_ms", "window_ms"}; ``windows`` are the runtime's WindowItems,
+    preprocessed inside the timed span as the runtime's are."""
     parts = prompt_parts(reference.tokenizer, reference.spec, subtitle)
     device = next(reference.parameters()).device
     rows = []
     for window in windows:
         start = time.perf_counter()
-        media = reference.media_block(preprocessed(window, reference.spec))
+        media = reference.media_block(window_feeds(window, reference.spec))
         _sync(device)
         encoded = time.perf_counter()
         embeds = reference._embed(parts, media)[None].to(device)
@@ -34,14 +34,6 @@ def time_reference(reference, windows: list, subtitle: str, decode_tokens: int =
     return rows
 
 
-def preprocessed(item: dict, spec) -> dict:
-    from .. import preprocess
-
-    return {"eva": preprocess.eva_pixels(item["frame"], spec), "mae": preprocess.face_batch(list(item["face_crops"]), spec),
-            "videomae": preprocess.video_clip(list(item["videomae_frames"]), spec),
-            "hubert": preprocess.audio_pcm(item["audio"], spec)}
-
-
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -49,7 +41,3 @@ def _sync(device) -> None:
 
 def peak_gpu_bytes() -> int | None:
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-
-
-def percentile(values: list, q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))

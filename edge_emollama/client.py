@@ -1,25 +1,25 @@
-"""``edge-emollama listen``: subscribe, validate every message against the schema, print one line each.
+"""Clients of a running runtime: subscribe and validate (``listen``), ask the control socket (``request``),
+and ask for the ``[reason]`` text of the latest window (``explain``). ``edge-emollama listen`` and
+``edge-emollama explain`` are these functions.
 
-Prints one line per estimate (and per event; status lines with ``--status``), reports schema violations,
-``seq`` gaps (messages lost, e.g. at the publisher's high-water mark) and publisher restarts (a new
-``stream_id``) on stderr. Exit status of :func:`main`: 0 fine, 1 some message did not validate, 2 nothing
-arrived before the timeout.
+``listen`` prints one line per estimate (and per event; status lines with ``show_status``), reports schema
+violations, ``seq`` gaps (messages lost, e.g. at the publisher's high-water mark) and publisher restarts (a new
+``stream_id``) on stderr.
 """
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..errors import InputError
-from ..lazy import require
-from .publish import decode_message, message_errors, set_heartbeats
+from .config import HeartbeatConfig
+from .errors import InputError
+from .lazy import require
+from .protocol import ALL_V1, TOPICS, decode_message, dumps, message_errors, set_heartbeats
 
-__all__ = ["ListenResult", "listen", "format_message", "main"]
-
-ALL_V1 = "emollama.v1."
+__all__ = ["ListenResult", "listen", "format_message", "request", "explain"]
 
 
 @dataclass
@@ -103,7 +103,7 @@ def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, tim
     out, err = out or sys.stdout, err or sys.stderr
     sock = (context or zmq.Context.instance()).socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
-    set_heartbeats(sock, 1000, 3000, 3000)
+    set_heartbeats(sock, HeartbeatConfig())
     for topic in topics:
         sock.setsockopt_string(zmq.SUBSCRIBE, topic)
     result = ListenResult()
@@ -144,21 +144,47 @@ def _one(frames: list[bytes], result: ListenResult, seqs: _Sequence, show_status
         print(format_message(topic, header, payload), file=out, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-emollama listen", description=__doc__.split("\n")[0])
-    parser.add_argument("endpoint", nargs="?", default="tcp://127.0.0.1:5555", help="publisher endpoint")
-    parser.add_argument("-n", "--count", type=int, default=None, help="stop after this many estimates")
-    parser.add_argument("-t", "--timeout", type=float, default=None, help="stop after this many seconds")
-    parser.add_argument("--status", action="store_true", help="also print the ~1 Hz status messages")
-    parser.add_argument("--topic", action="append", default=None,
-                        help=f"subscribe to this topic (repeatable; default all of '{ALL_V1}')")
-    args = parser.parse_args(argv)
-    result = listen(args.endpoint, args.count, args.timeout, topics=tuple(args.topic or (ALL_V1,)),
-                    show_status=args.status)
-    if result.invalid:
-        return 1
-    return 2 if result.messages == 0 else 0
+def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, context=None) -> dict:
+    """Send one request with a fresh REQ socket and return the reply (InputError on timeout)."""
+    zmq = require("zmq")
+    sock = (context or zmq.Context.instance()).socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(payload if isinstance(payload, bytes) else dumps(payload))
+        if not sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN):
+            raise InputError(f"no reply from the control socket {endpoint} within {timeout_s:g} s: is the runtime "
+                             "running, and is this its --control endpoint?")
+        return json.loads(sock.recv())
+    finally:
+        sock.close(0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def explain(control: str, publish: str, subtitle: str | None = None, timeout_s: float = 30.0,
+            settle_s: float = 0.3) -> str:
+    """The ``[reason]`` text of the latest window, all within ``timeout_s``.
+
+    Subscribes to the reason topic first (PUB/SUB drops what is sent before a subscription takes), asks the
+    control socket, then waits for the text with the request's id."""
+    zmq = require("zmq")
+    deadline = time.monotonic() + timeout_s
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt_string(zmq.SUBSCRIBE, TOPICS["reason"])
+    sub.connect(publish)
+    try:
+        time.sleep(min(settle_s, timeout_s / 4))
+        ask = {"verb": "explain", **({"subtitle": subtitle} if subtitle else {})}
+        reply = request(control, ask, timeout_s=max(0.001, deadline - time.monotonic()))
+        result = reply.get("result") or {}
+        if not reply.get("ok") or not result.get("request_id"):
+            raise InputError(f"explain refused: {(reply.get('error') or {}).get('message') or result.get('message')}")
+        while (left := deadline - time.monotonic()) > 0:
+            if sub.poll(max(1, int(min(left, 0.2) * 1000))):
+                _, _, payload = decode_message(sub.recv_multipart())
+                if payload.get("request_id") == result["request_id"] and payload.get("final"):
+                    return payload["text"]
+        raise InputError(f"no explanation arrived within {timeout_s:g} s (request {result['request_id']}): "
+                         "raise --timeout, or lower runtime.reasoning.max_tokens")
+    finally:
+        sub.close(0)

@@ -24,7 +24,7 @@ from ..lazy import require
 
 __all__ = ["write_sample_clip", "draw_face", "synth_voice", "espeak_voice"]
 
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000   # the clip file's own audio rate (a reader resamples any rate to the model's)
 VOICES = ("auto", "espeak", "synth", "none")
 _FORMANTS = {  # (F1, F2, F3) Hz of five vowels
     "a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (390, 1990, 2550),

@@ -13,7 +13,9 @@ What is measured (all on synthetic windows of the preset's shapes, drawn from a 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -23,28 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
+from ..branches import window_feeds
+from ..config import ControlConfig, ReasoningConfig, RuntimeConfig, SourcesConfig
 from ..errors import ArtifactError
+from ..manifest import load_artifacts, tool_versions
+from ..runtime.clock import now_ns
+from ..runtime.device import device_class
+from ..runtime.items import EndOfInput, synthetic_window
+from ..runtime.link import LinkOptions, Producer
+from ..runtime.pipeline import Pipeline
+from ..runtime.stages import EncoderStage, LlmStage
+from ..scoring import kl_divergence
 from ..spec import ModelSpec
-from .artifacts import load_artifacts
-from .clock import now_ns
-from .link import LinkOptions, Producer
-from .stages import EncoderStage, LlmStage
+from ..vocab import LlamaTokenizer
+from .sample_clip import write_sample_clip
 
-
+log = logging.getLogger(__name__)
 PACED_HOP_S = 0.5   # the default hop: one window handed over every 0.5 s in the paced run
 
 
 @dataclass
 class BenchOptions:
-    artifacts: str
+    runtime: RuntimeConfig          # what is benchmarked: the runtime as configured (runtime.artifacts, encoders, llm)
     windows: int = 20
     reference: bool = False
-    threads: int = 0
-    quants: tuple = ()            # GGUFs to time besides the runtime's choice
-    precision: str = "fp32"
-    quant: str = "F16"
-    n_gpu_layers: int = 0
-    providers: tuple = ("CPUExecutionProvider",)
     clip: bool = True
     sweep: bool = False
     progress: str | None = None   # the JSON is rewritten here after each section ("complete": false until the end)
@@ -61,18 +65,9 @@ def synthetic_windows(spec: ModelSpec, rng: np.random.Generator, count: int, win
     start, items = now_ns(), []
     for i in range(count):
         first = i * per_hop
-        crops = bank[first:first + per_window]
         times = start + ((first + np.arange(per_window)) * 1e9 / fps).astype(np.int64)
-        pick = np.linspace(0, per_window - 1, spec.videomae.frames).round().astype(int)
-        t1 = int(times[-1])
-        items.append({
-            "index": i, "t0_ns": t1 - int(window_s * 1e9), "t1_ns": t1, "sent_ns": t1, "dropped_before": 0,
-            "frame": rng.integers(0, 255, (480, 640, 3), dtype=np.uint8), "face_present": True,
-            "face_crops": crops, "frame_times_ns": times, "face_boxes": np.tile([[100, 80, 200, 200]], (per_window, 1)),
-            "videomae_frames": crops[pick], "audio_present": True, "timings_ms": {},
-            "audio": (0.1 * rng.standard_normal(int(window_s * spec.hubert.sample_rate))).astype(np.float32),
-            "presence": {"video": {"present": True}, "face": {"present": True, "fraction": 1.0},
-                         "audio": {"present": True, "active": True, "rms": 0.1, "coverage": 1.0}}})
+        items.append(synthetic_window(spec, rng, index=i, t1_ns=int(times[-1]), window_s=window_s,
+                                      crops=bank[first:first + per_window], frame_times_ns=times))
     return items
 
 
@@ -87,12 +82,13 @@ def stage_latency(encoders: EncoderStage, llm: LlmStage, items: list, subtitle: 
     """Per-stage p50/p95 over ``items``; the label distributions are appended to ``probabilities`` if given."""
     per_stage: dict = {}
     for item in items:
-        out = encoders(item)
-        result = llm(out["rows"], subtitle)
+        rows, timings = encoders(item)
+        distribution, llm_ms = llm(rows, subtitle)
         if probabilities is not None:
-            probabilities.append(result["probabilities"])
-        timings = {**out["encoder_timings"], "llm": result["llm_ms"]}
-        timings["window"] = timings["encoders"] + timings["llm"]
+            probabilities.append(distribution)
+        timings = {k.removesuffix("_ms"): v for k, v in timings.items()}
+        timings["llm"] = llm_ms
+        timings["window"] = timings["encoders"] + llm_ms
         for key, value in timings.items():
             per_stage.setdefault(key, []).append(value)
     return {k: stats(v) for k, v in per_stage.items()}
@@ -103,23 +99,19 @@ def pipelined_throughput(options: BenchOptions, items: list, interval_s: float =
     latency from being handed to the encode stage to being published. ``interval_s`` 0: as fast as they go
     (throughput; latency then includes queueing); else one window per interval, as a live source hands
     them over (the hop), which gives the live latency without capture, decoding and face detection."""
-    from .pipeline import Pipeline
-
     handed, latencies = {}, []
-    run = _run_options(options, stages=("encode", "llm", "publish"), lossless=True,
-                       on_estimate=lambda fused, item: latencies.append((now_ns() - handed[item["index"]]) / 1e6))
-    pipeline = Pipeline(run)
+    pipeline = Pipeline(_runtime(options, stages=["encode", "llm", "publish"]), lossless=True,
+                        on_estimate=lambda fused, item: latencies.append((now_ns() - handed[item.index]) / 1e6))
     producer = Producer(LinkOptions(pipeline.links["windows"], sndhwm=2))
     pipeline.start()
     start = time.perf_counter()
     for i, item in enumerate(items):
         if interval_s:
             time.sleep(max(0.0, start + i * interval_s - time.perf_counter()))
-        item = {**item, "sent_ns": now_ns()}
-        handed[item["index"]] = item["sent_ns"]
+        item.stamp.sent_ns = handed[item.index] = now_ns()
         while not producer.send(item, block_s=0.5):
             pipeline.raise_errors()
-    producer.send({"end": True}, block_s=5.0)
+    producer.send(EndOfInput(), block_s=5.0)
     pipeline.wait(timeout_s=600)
     seconds = time.perf_counter() - start
     producer.close()
@@ -130,57 +122,48 @@ def pipelined_throughput(options: BenchOptions, items: list, interval_s: float =
             "handoff_to_publish_ms": stats(latencies) if latencies else None}
 
 
-def _run_options(options: BenchOptions, **extra):
-    """The runtime's options as benchmarked (precision, quant, GPU layers, providers), on free loopback ports."""
-    from .control import ControlOptions
-    from .pipeline import RunOptions
-    from .publish import PublisherOptions
-
-    return RunOptions(artifacts=options.artifacts, threads=options.threads, precision=options.precision,
-                      quant=options.quant, n_gpu_layers=options.n_gpu_layers, providers=list(options.providers),
-                      reasoning=False, publisher=PublisherOptions(endpoint="tcp://127.0.0.1:*"),
-                      control=ControlOptions(endpoint="tcp://127.0.0.1:*"), **extra)
+def _runtime(options: BenchOptions, **changes) -> RuntimeConfig:
+    """The runtime as benchmarked (its encoders, llm and window settings), without reasoning, on free loopback
+    ports; ``changes`` replace top-level fields (stages, sources)."""
+    return dataclasses.replace(options.runtime, reasoning=ReasoningConfig(enabled=False), links={},
+                               publish=dataclasses.replace(options.runtime.publish, endpoint="tcp://127.0.0.1:*"),
+                               control=ControlConfig(endpoint="tcp://127.0.0.1:*"), **changes)
 
 
 def clip_run(options: BenchOptions, seconds: float = 8.0) -> dict:
     """The whole runtime on the generated sample clip: as fast as possible, then in real time."""
-    from .pipeline import Pipeline
-    from .sample_clip import write_sample_clip
-
     clip = write_sample_clip(Path(tempfile.mkdtemp(prefix="edge-emollama-bench-")) / "clip.mp4", seconds=seconds)
     result = {"clip_s": seconds}
     for mode, realtime in (("fast", False), ("realtime", True)):
         latencies = []
-        run = _run_options(options, video=str(clip), realtime=realtime,
-                           on_estimate=lambda fused, item: latencies.append((now_ns() - item["t1_ns"]) / 1e6))
-        pipeline = Pipeline(run).start()
+        runtime = _runtime(options, sources=SourcesConfig(video=str(clip), realtime=realtime))
+        pipeline = Pipeline(runtime, on_estimate=lambda fused, item: latencies.append((now_ns() - item.t1_ns) / 1e6))
+        pipeline.start()
         start = time.perf_counter()
         pipeline.wait(timeout_s=600)
         elapsed = time.perf_counter() - start
         pipeline.close()
         pipeline.raise_errors()
-        expected = int((seconds - run.window.window_s) / run.window.hop_s) + 1
+        expected = int((seconds - pipeline.plan.window_s) / pipeline.plan.hop_s) + 1
         result[mode] = {"published": pipeline.published, "windows_in_clip": expected, "seconds": elapsed,
                         "estimates_per_s": pipeline.published / elapsed,
                         "capture_to_publish_ms": stats(latencies) if latencies and realtime else None}
     return result
 
 
-def reference_timings(options: BenchOptions, spec: ModelSpec, items: list,
-                      runtime_probabilities: list = ()) -> dict:
+def reference_timings(options: BenchOptions, artifacts, items: list, runtime_probabilities: list = ()) -> dict:
     from ..reference.synthetic import build_random
     from ..reference.timing import time_reference
-    from ..vocab import LlamaTokenizer
 
-    artifacts = load_artifacts(options.artifacts, verify=False)
+    spec = artifacts.spec
     tokenizer = LlamaTokenizer(artifacts.root / "vocab.gguf")
-    source = artifacts.manifest["source"]
+    source = artifacts.manifest.source
     if source.get("seed") is None:
-        raise ArtifactError(f"{options.artifacts} holds a user's checkpoints: --reference rebuilds the reference "
+        raise ArtifactError(f"{artifacts.root} holds a user's checkpoints: --reference rebuilds the reference "
                             "from the seed of random-weight exports only (use --preset, or --random-weights)")
     drawn_on = source.get("drawn_on", "cpu")
     if drawn_on == "cuda":
-        _check_gpu_room(options.artifacts, spec)
+        _check_gpu_room(artifacts.root, spec)
     reference = _on_gpu(build_random(spec, tokenizer, seed=source["seed"], device=drawn_on))
     time_reference(reference, items[:1], options.subtitle)   # warm-up
     rows = time_reference(reference, items, options.subtitle)
@@ -188,21 +171,18 @@ def reference_timings(options: BenchOptions, spec: ModelSpec, items: list,
     summary["estimates_per_s"] = 1000.0 / summary["window_ms"]["mean"]
     if runtime_probabilities:
         summary["runtime_vs_reference"] = agreement(reference, spec, items, runtime_probabilities, options.subtitle,
-                                                    artifacts.manifest["prompt"]["layout"])
+                                                    artifacts.manifest.prompt.layout)
     return summary
 
 
 def agreement(reference, spec: ModelSpec, items: list, probabilities: list, subtitle: str, layout: str) -> dict:
     """The runtime's label distributions (as configured: e.g. fp16 ONNX + F16 GGUF on a GPU) against the reference
     as timed (fp16 eager on a GPU) on the same windows: top-label agreement and KL(reference || runtime)."""
-    from ..reference.timing import preprocessed
-
     same, kl = 0, []
     for item, got in zip(items, probabilities):
-        want = reference.label_distribution(reference.media_block(preprocessed(item, spec)), subtitle, layout)
-        want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
+        want = reference.label_distribution(reference.media_block(window_feeds(item, spec)), subtitle, layout)
         same += int(np.argmax(want) == np.argmax(got))
-        kl.append(float(np.sum(want * (np.log(want + 1e-30) - np.log(got + 1e-30)))))
+        kl.append(kl_divergence(want, got))
     return {"windows": len(kl), "top_label_agreement": same / len(kl), "kl_mean": float(np.mean(kl)),
             "kl_max": float(np.max(kl))}
 
@@ -229,15 +209,14 @@ def _on_gpu(reference):
     return reference.half().cuda() if torch.cuda.is_available() else reference
 
 
-def quant_latency(options: BenchOptions, encoders: EncoderStage, items: list) -> dict:
+def quant_latency(options: BenchOptions, artifacts, encoders: EncoderStage, items: list) -> dict:
     """The LLM stage per exported GGUF on the same media rows (backs the per-device default)."""
-    artifacts = load_artifacts(options.artifacts, verify=False)
-    rows = [encoders(item)["rows"] for item in items[:max(3, len(items) // 2)]]
+    rows = [encoders(item)[0] for item in items[:max(3, len(items) // 2)]]
     result = {}
-    for entry in artifacts.entries(format="gguf"):
-        llm = LlmStage(artifacts, entry["quant"], options.threads or None, options.n_gpu_layers)
+    for quant in sorted(artifacts.manifest.exported("quant", format="gguf")):
+        llm = LlmStage(artifacts, dataclasses.replace(options.runtime.llm, quant=quant))
         llm.warmup()
-        result[entry["quant"]] = stats([llm(r, options.subtitle)["llm_ms"] for r in rows])
+        result[quant] = stats([llm(r, options.subtitle)[1] for r in rows])
         llm.close()
     return result
 
@@ -259,31 +238,27 @@ def scaling(options: BenchOptions, spec: ModelSpec, encoders: EncoderStage, llm:
 
 
 def run_bench(options: BenchOptions) -> dict:
-    from ..export.manifest import tool_versions
-    from ..spec import get_preset
-    from .device import device_class
-
-    artifacts = load_artifacts(options.artifacts)
-    spec = get_preset(artifacts.preset)
+    artifacts = load_artifacts(options.runtime.artifacts)
+    spec = artifacts.spec
     rng = np.random.default_rng(0)
     items = synthetic_windows(spec, rng, options.windows)
-    encoders = EncoderStage(artifacts, options.precision, list(options.providers), options.threads)
-
-    llm = LlmStage(artifacts, options.quant, options.threads or None, options.n_gpu_layers)
+    encoders = EncoderStage(artifacts, options.runtime.encoders)
+    llm = LlmStage(artifacts, options.runtime.llm)
     encoders.warmup()
     llm.warmup()
     gpu_loaded, probabilities = _gpu_memory_mb(), []
-    report = {"preset": spec.name, "artifacts": str(options.artifacts), "device_class": device_class(),
+    report = {"preset": spec.name, "artifacts": str(artifacts.root), "device_class": device_class(),
               "machine": _machine(), "tools": tool_versions(), "windows": options.windows,
-              "runtime": {"precision": options.precision, "quant": options.quant, "threads": options.threads,
-                          "n_gpu_layers": options.n_gpu_layers, "providers": list(encoders.encoders.providers),
+              "runtime": {"precision": encoders.encoders.precision, "quant": llm.quant,
+                          "threads": options.runtime.encoders.threads, "n_gpu_layers": options.runtime.llm.n_gpu_layers,
+                          "providers": list(encoders.encoders.providers),
                           "encoder_providers": dict(encoders.encoders.session_providers)},
               "stage_latency_ms": stage_latency(encoders, llm, items, options.subtitle, probabilities),
               "errors": {}}
     # steady state: consecutive windows share (W - H) / W of their frames, whose MAE rows are reused
     report["mae_frames_reused"] = encoders.frames_reused
     report["gpu_memory_runtime_mb"] = gpu_loaded
-    _section(report, "llm_by_quant_ms", lambda: quant_latency(options, encoders, items), options.progress)
+    _section(report, "llm_by_quant_ms", lambda: quant_latency(options, artifacts, encoders, items), options.progress)
     if options.sweep:
         _section(report, "scaling", lambda: scaling(options, spec, encoders, llm), options.progress)
     encoders.close()
@@ -294,7 +269,8 @@ def run_bench(options: BenchOptions) -> dict:
     if options.clip:
         _section(report, "clip", lambda: clip_run(options), options.progress)
     if options.reference and _section(report, "reference",
-                                      lambda: reference_timings(options, spec, items, probabilities), options.progress):
+                                      lambda: reference_timings(options, artifacts, items, probabilities),
+                                      options.progress):
         report["ratios"] = _ratios(report)
     report["peak_ram_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["gpu_memory_end_mb"] = _gpu_memory_mb()
@@ -313,9 +289,7 @@ def _section(report: dict, name: str, measure, progress: str | None = None) -> b
     try:
         report[name] = measure()
     except Exception as exc:   # noqa: BLE001 - reported, not swallowed
-        import logging
-
-        logging.getLogger(__name__).exception("bench section %s failed", name)
+        log.exception("bench section %s failed", name)
         report["errors"][name] = f"{type(exc).__name__}: {exc}"
         ok = False
     if progress:
@@ -332,7 +306,6 @@ def _ratios(report: dict) -> dict:
 
 
 def _machine() -> dict:
-    import os
     import platform
 
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "system": platform.system()}

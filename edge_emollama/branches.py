@@ -1,0 +1,163 @@
+"""The four encoder branches, declared once: what export, validation, runtime and bench all read.
+
+Each branch is an encoder with its projector, exported as one ONNX unit that emits LLM-space rows. Its
+declaration says (in the manner of optimum's per-model export configs):
+
+- the ONNX inputs and outputs, with their dynamic axes;
+- how a window's raw input becomes the unit's feed (``feed``; numpy + Pillow, edge_emollama/preprocess.py),
+  and what random inputs of those shapes look like (``example_inputs``, drawn fresh by every validation);
+- the zero rule: which presence flag the branch needs (``needs``); a window without it gets the branch's
+  zero row (its projector's bias, ``zero_rows.npy``), as the original does for a missing feature;
+- whether it yields one row per frame (MAE: the window's row is their mean, so each frame is computed
+  once for all the windows that cover it);
+- the parity tolerance per precision (max |onnx - torch| / max |torch| over each output);
+- the TensorRT optimisation profile of its dynamic axes.
+
+The media block is ``[EVA patch rows] + [MAE, VideoMAE, HuBERT] + [EVA CLS]`` (:func:`assemble_media`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import preprocess
+from .spec import FEATURE_BRANCHES, ModelSpec
+
+__all__ = ["TensorIO", "Branch", "EVA", "MAE", "VIDEOMAE", "HUBERT", "BRANCHES", "FEATURES", "assemble_media"]
+
+TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    name: str
+    dynamic: dict = field(default_factory=dict)   # axis -> axis name
+
+
+@dataclass(frozen=True)
+class Branch:
+    name: str
+    inputs: tuple
+    outputs: tuple
+    needs: str | None = None        # presence flag the branch needs ("face", "audio"); None: always runs
+    per_frame: bool = False         # one output row per input frame (the window's row is their mean)
+    tolerance: dict = field(default_factory=lambda: dict(TOLERANCES))
+
+    @property
+    def input_names(self) -> tuple:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple:
+        return tuple(t.name for t in self.outputs)
+
+    def dynamic_axes(self) -> dict:
+        """{tensor name: {axis: name}} for torch.onnx.export and the manifest."""
+        return {t.name: dict(t.dynamic) for t in self.inputs + self.outputs if t.dynamic}
+
+    def raw(self, item):
+        """The window item's raw input for this branch (None when the window lacks it)."""
+        raise NotImplementedError
+
+    def feed(self, raw, spec: ModelSpec) -> dict:
+        """{input name: float32 array} from the raw input."""
+        raise NotImplementedError
+
+    def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
+        raise NotImplementedError
+
+    def example_inputs(self, spec: ModelSpec, rng: np.random.Generator, frames: int = 4,
+                       seconds: float = 1.0) -> dict:
+        """Random float32 inputs of the unit's input shapes (what validation draws fresh each run)."""
+        return {name: rng.standard_normal(shape).astype(np.float32)
+                for name, shape in self.example_shapes(spec, frames, seconds).items()}
+
+    def trt_profile(self, spec: ModelSpec) -> dict:
+        """{input name: (min, opt, max) shape} for the dynamic axes (TensorRT)."""
+        return {}
+
+
+class _Eva(Branch):
+    def raw(self, item):
+        return item.frame
+
+    def feed(self, raw, spec: ModelSpec) -> dict:
+        if raw is None:   # no video: an all-zero (mean-colour) image
+            return {"pixels": np.zeros((1, 3, spec.eva.image_size, spec.eva.image_size), np.float32)}
+        return {"pixels": preprocess.eva_pixels(raw, spec)}
+
+    def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
+        return {"pixels": (1, 3, spec.eva.image_size, spec.eva.image_size)}
+
+
+class _Mae(Branch):
+    def raw(self, item):
+        return item.face_crops if item.presence.face else None
+
+    def feed(self, raw, spec: ModelSpec) -> dict:
+        return {"faces": preprocess.face_batch(list(raw), spec)}
+
+    def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
+        return {"faces": (frames, 3, spec.mae.image_size, spec.mae.image_size)}
+
+    def trt_profile(self, spec: ModelSpec) -> dict:
+        face = (3, spec.mae.image_size, spec.mae.image_size)
+        return {"faces": ((1, *face), (16, *face), (64, *face))}
+
+
+class _VideoMae(Branch):
+    def raw(self, item):
+        return item.videomae_frames if item.presence.face else None
+
+    def feed(self, raw, spec: ModelSpec) -> dict:
+        return {"clip": preprocess.video_clip(list(raw), spec)}
+
+    def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
+        v = spec.videomae
+        return {"clip": (1, 3, v.frames, v.image_size, v.image_size)}
+
+
+class _Hubert(Branch):
+    def raw(self, item):
+        return item.audio if item.presence.audio else None
+
+    def feed(self, raw, spec: ModelSpec) -> dict:
+        return {"pcm": preprocess.audio_pcm(raw, spec)}
+
+    def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
+        return {"pcm": (1, int(seconds * spec.hubert.sample_rate))}
+
+    def example_inputs(self, spec: ModelSpec, rng: np.random.Generator, frames: int = 4,
+                       seconds: float = 1.0) -> dict:
+        return {k: 0.3 * v for k, v in super().example_inputs(spec, rng, frames, seconds).items()}   # speech-like level
+
+    def trt_profile(self, spec: ModelSpec) -> dict:
+        second = spec.hubert.sample_rate
+        return {"pcm": ((1, second // 4), (1, 2 * second), (1, 8 * second))}
+
+
+EVA = _Eva("eva", (TensorIO("pixels"),), (TensorIO("patch_rows"), TensorIO("cls_row")))
+MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),),
+           needs="face", per_frame=True)
+VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),), needs="face")
+HUBERT = _Hubert("hubert", (TensorIO("pcm", {1: "samples"}),), (TensorIO("hubert_row"),), needs="audio")
+
+BRANCHES = {b.name: b for b in (EVA, MAE, VIDEOMAE, HUBERT)}
+FEATURES = tuple(BRANCHES[name] for name in FEATURE_BRANCHES)   # media-block order of the three feature rows
+
+
+def assemble_media(patch_rows: np.ndarray, feature_rows: list, cls_row: np.ndarray) -> np.ndarray:
+    """[media_rows, hidden] float32: EVA patch rows, the MAE / VideoMAE / HuBERT rows, the EVA CLS row."""
+    return np.concatenate([patch_rows, *feature_rows, cls_row]).astype(np.float32, copy=False)
+
+
+def window_feeds(item, spec: ModelSpec, zeros: tuple = ()) -> dict:
+    """{branch: feed} for every branch a window item has input for (EVA always; the rest by their zero rule),
+    leaving out ``zeros``: what the reference takes for the same window the runtime encodes."""
+    feeds = {}
+    for name, branch in BRANCHES.items():
+        raw = branch.raw(item)
+        if name not in zeros and (raw is not None or branch is EVA):
+            feeds[name] = branch.feed(raw, spec)
+    return feeds
