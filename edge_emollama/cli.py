@@ -86,7 +86,10 @@ def _run_parser(sub, common) -> None:
              help="file: ignore its video track (audio only)")
     _setting(p, "--artifacts", key="runtime.artifacts", help="exported folder (default: runtime.artifacts)")
     _endpoints(p)
-    _setting(p, "--subtitle", key="runtime.subtitle", help="transcript line fed to the prompt")
+    _setting(p, "--subtitle", key="runtime.subtitle", help="a fixed transcript line for the prompt (overrides --asr)")
+    _setting(p, "--asr", key="runtime.asr.model",
+             help="speech recognition for the prompt: bundled (the asr extra's Whisper model), a faster-whisper "
+                  "model directory or name (default: runtime.asr.model, off)")
     _setting(p, "--stages", key="runtime.stages", type=_stage_list,
              help="run only these stages here, e.g. capture,encode (default: capture,encode,llm,publish)")
     p.add_argument("--link", action="append", type=_links, default=[], metavar="NAME=ENDPOINT",
@@ -114,6 +117,19 @@ def _explain_parser(sub, common) -> None:
     p.add_argument("-t", "--timeout", type=float, default=30.0, help="seconds for the whole request (default 30)")
 
 
+def _eval_parser(sub, common) -> None:
+    p = sub.add_parser("eval", parents=[common], help="the paper's protocol on labelled clips: accuracy, weighted F1, "
+                                                       "confusion matrix")
+    _setting(p, "--artifacts", key="runtime.artifacts", help="exported folder (default: runtime.artifacts)")
+    p.add_argument("--clips", required=True, help="folder of clips NAME.mp4 / .avi / .mov / .mkv")
+    p.add_argument("--labels", required=True, help="CSV name,label[,subtitle] or Emotion-LLaMA's annotation text "
+                                                   "(name frames label score per line)")
+    p.add_argument("--json", help="where to write the figures (default: print only)")
+    p.add_argument("--png", help="confusion matrix picture (default: beside --json)")
+    _setting(p, "--asr", key="runtime.asr.model", help="subtitles by speech recognition where the labels have none")
+    p.add_argument("--limit", type=int, help="evaluate only the first N clips")
+
+
 def _demo_parser(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common],
                        help="no camera, microphone, GPU or checkpoints: tiny preset on a generated clip")
@@ -137,7 +153,7 @@ def _bench_parser(sub, common) -> None:
 
 
 PARSERS = {"export": _export_parser, "run": _run_parser, "listen": _listen_parser, "explain": _explain_parser,
-           "demo": _demo_parser, "bench": _bench_parser}
+           "eval": _eval_parser, "demo": _demo_parser, "bench": _bench_parser}
 
 
 def _global_options(parser, suppress: bool) -> None:

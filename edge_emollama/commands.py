@@ -116,6 +116,15 @@ def cmd_explain(args, cfg: Config) -> int:
     return 0
 
 
+def cmd_eval(args, cfg: Config) -> int:
+    from .tools.evaluate import EvalOptions, evaluate, format_summary
+
+    report = evaluate(EvalOptions(runtime=cfg.runtime, clips=args.clips, labels=args.labels, json=args.json,
+                                  png=args.png, limit=args.limit))
+    print(format_summary(report))
+    return 0
+
+
 def cmd_demo(args, cfg: Config) -> int:
     from .tools.sample_clip import write_sample_clip
 
@@ -157,4 +166,4 @@ def cmd_bench(args, cfg: Config) -> int:
 
 
 COMMANDS = {"export": cmd_export, "run": cmd_run, "listen": cmd_listen, "explain": cmd_explain,
-            "demo": cmd_demo, "bench": cmd_bench}
+            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}

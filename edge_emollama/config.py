@@ -28,6 +28,11 @@ LINKS = ("windows", "rows", "scores")
 PRECISIONS = ("auto", "fp32", "fp16")
 QUANTS = ("auto", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0")
 SMOOTHING = ("ema", "moving_average", "none")
+FACE_CROPS = ("openface", "box")
+VIDEOMAE_SAMPLINGS = ("segments", "uniform")
+ABSENT_RULES = ("encode", "zeros")
+FACE_DETECTORS = ("mtcnn", "haar")
+ASR_TASKS = ("translate", "transcribe")
 
 
 def _choice(where: str, value, allowed) -> None:
@@ -53,18 +58,43 @@ class FeatureConfig:
 
 
 @dataclass
+class ContextConfig:
+    """How far back each feature branch sees, ending at the window's end (docs/model.md: why 4 s)."""
+    mae_s: float = 4.0
+    videomae_s: float = 4.0
+    hubert_s: float = 4.0
+
+    def validate(self) -> "ContextConfig":
+        for name in ("mae_s", "videomae_s", "hubert_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.context.{name} = {getattr(self, name)}: must be > 0 seconds")
+        return self
+
+
+@dataclass
 class ModelConfig:
+    """What the export builds and the manifest records; each fidelity choice defaults to what the training
+    features' extraction did (docs/model.md has the table)."""
     preset: str = "tiny"
     layout: str = "inference"
     frame_rule: str = "middle"   # which frame of a window EVA sees: middle | first (the original) | last
-    window_s: float = 2.0        # the window the encoders see (justified in runtime/windows.py)
+    window_s: float = 2.0        # the window (EVA's frame is chosen in it; runtime/windows.py)
     hop_s: float = 0.5           # one estimate per hop
+    face_crop: str = "openface"  # openface: aligned 112 px at scale 0.7, masked (the extraction) | box
+    videomae_sampling: str = "segments"   # segments: 8 x 2 consecutive frames (the extraction) | uniform
+    absent: str = "encode"       # encode: black faces and silence go through the encoders (the extraction)
+                                 # | zeros: a zero feature when no face / no speech (the earlier rule)
+    context: ContextConfig = field(default_factory=ContextConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def validate(self) -> "ModelConfig":
         _choice("model.layout", self.layout, LAYOUTS)
         _choice("model.frame_rule", self.frame_rule, FRAME_RULES)
+        _choice("model.face_crop", self.face_crop, FACE_CROPS)
+        _choice("model.videomae_sampling", self.videomae_sampling, VIDEOMAE_SAMPLINGS)
+        _choice("model.absent", self.absent, ABSENT_RULES)
         _check_span("model", self.window_s, self.hop_s)
+        self.context.validate()
         self.features.validate()
         return self
 
@@ -126,7 +156,7 @@ class CameraConfig:
     width: int | None = None        # requested from the driver (null: its default)
     height: int | None = None
     fps: float | None = None
-    ring_seconds: float = 4.0       # frames kept: W + 4 hops at the defaults
+    ring_seconds: float = 6.0       # frames kept: the longest context (4 s) + 4 hops
     max_failed_reads: int = 30      # consecutive failed reads before the camera counts as lost
 
 
@@ -143,19 +173,46 @@ class FileConfig:
     video: bool = True              # decode the video track (when the file has one)
     audio: bool = True              # decode the audio track (when the file has one)
     max_width: int | None = 960     # wider frames are scaled down (aspect kept) at decode
-    ring_seconds: float = 4.0
+    ring_seconds: float = 6.0
     audio_ring_seconds: float = 30.0
 
 
 @dataclass
 class FaceConfig:
-    cascade: str = "haarcascade_frontalface_default.xml"  # a file in cv2.data.haarcascades, or a path
+    detector: str = "mtcnn"         # mtcnn: boxes + 5 landmarks (aligned crops) | haar: boxes only
+    mtcnn_thresholds: list = field(default_factory=lambda: [0.6, 0.7, 0.7])   # P-, R-, O-Net
+    mtcnn_factor: float = 0.709     # image pyramid step
+    cascade: str = "haarcascade_frontalface_default.xml"  # haar: a file in cv2.data.haarcascades, or a path
     detect_width: int = 320         # frames are scaled down to this width for detection (speed)
     scale_factor: float = 1.15      # 1.1 is OpenCV's usual step; 1.15 costs ~40 % less, same boxes here
     min_neighbors: int = 5
     min_size_frac: float = 0.1      # smallest face, as a fraction of the detection image's shorter side
                                     # (24 px at 320x240: a face about 2.5 m from a 640x480 webcam)
     cache_size: int = 512           # frames whose result is kept
+
+    def validate(self) -> "FaceConfig":
+        _choice("runtime.faces.detector", self.detector, FACE_DETECTORS)
+        return self
+
+
+@dataclass
+class AsrConfig:
+    """Speech recognition for the prompt's subtitle (faster-whisper), off the estimate's path."""
+    model: str | None = None        # null: off (runtime.subtitle is used) | bundled (the asr extra's model) |
+                                    # a faster-whisper model directory or name
+    task: str = "translate"         # translate: English from any language, as the training transcripts |
+                                    # transcribe: the spoken language
+    language: str | None = None     # null: detected
+    beam_size: int = 1
+    compute_type: str = "int8"
+    threads: int = 0                # 0: CTranslate2's choice
+    context_s: float = 6.0          # the speech it transcribes: the last N seconds of audio
+
+    def validate(self) -> "AsrConfig":
+        _choice("runtime.asr.task", self.task, ASR_TASKS)
+        if not self.context_s > 0:
+            raise ConfigError(f"runtime.asr.context_s = {self.context_s}: must be > 0 seconds")
+        return self
 
 
 @dataclass
@@ -276,6 +333,7 @@ class RuntimeConfig:
     file: FileConfig = field(default_factory=FileConfig)
     faces: FaceConfig = field(default_factory=FaceConfig)
     windows: WindowConfig = field(default_factory=WindowConfig)
+    asr: AsrConfig = field(default_factory=AsrConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     llm: LlmConfig = field(default_factory=LlmConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -290,7 +348,7 @@ class RuntimeConfig:
             if name not in LINKS or not isinstance(endpoint, str) or "://" not in endpoint:
                 raise ConfigError(f"runtime.links: {name}={endpoint!r} is not a link (--link NAME=ENDPOINT, NAME one "
                                   f"of {', '.join(LINKS)}{did_you_mean(name, LINKS)}, ENDPOINT e.g. tcp://HOST:PORT)")
-        for section in (self.windows, self.encoders, self.llm, self.fusion, self.publish):
+        for section in (self.faces, self.windows, self.asr, self.encoders, self.llm, self.fusion, self.publish):
             section.validate()
         return self
 
