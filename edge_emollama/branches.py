@@ -6,8 +6,9 @@ declaration says (in the manner of optimum's per-model export configs):
 - the ONNX inputs and outputs, with their dynamic axes;
 - how a window's raw input becomes the unit's feed (``feed``; numpy + Pillow, edge_emollama/preprocess.py),
   and what random inputs of those shapes look like (``example_inputs``, drawn fresh by every validation);
-- the zero rule: which presence flag the branch needs (``needs``); a window without it gets the branch's
-  zero row (its projector's bias, ``zero_rows.npy``), as the original does for a missing feature;
+- the zero rule: a window item without the branch's input (``raw`` is None: no video, no audio source, or
+  ``absent: zeros`` with no face / no speech) gets the branch's zero row (its projector's bias,
+  ``zero_rows.npy``); with ``absent: encode`` (the extraction's way) black faces and silence are encoded;
 - whether it yields one row per frame (MAE: the window's row is their mean, so each frame is computed
   once for all the windows that cover it);
 - the parity tolerance per precision (max |onnx - torch| / max |torch| over each output);
@@ -40,7 +41,6 @@ class Branch:
     name: str
     inputs: tuple
     outputs: tuple
-    needs: str | None = None        # presence flag the branch needs ("face", "audio"); None: always runs
     per_frame: bool = False         # one output row per input frame (the window's row is their mean)
     tolerance: dict = field(default_factory=lambda: dict(TOLERANCES))
 
@@ -93,7 +93,7 @@ class _Eva(Branch):
 
 class _Mae(Branch):
     def raw(self, item):
-        return item.face_crops if item.presence.face else None
+        return item.face_crops if len(item.face_crops) else None
 
     def feed(self, raw, spec: ModelSpec) -> dict:
         return {"faces": preprocess.face_batch(list(raw), spec)}
@@ -108,7 +108,7 @@ class _Mae(Branch):
 
 class _VideoMae(Branch):
     def raw(self, item):
-        return item.videomae_frames if item.presence.face else None
+        return item.videomae_frames
 
     def feed(self, raw, spec: ModelSpec) -> dict:
         return {"clip": preprocess.video_clip(list(raw), spec)}
@@ -120,7 +120,7 @@ class _VideoMae(Branch):
 
 class _Hubert(Branch):
     def raw(self, item):
-        return item.audio if item.presence.audio else None
+        return item.audio
 
     def feed(self, raw, spec: ModelSpec) -> dict:
         return {"pcm": preprocess.audio_pcm(raw, spec)}
@@ -138,10 +138,9 @@ class _Hubert(Branch):
 
 
 EVA = _Eva("eva", (TensorIO("pixels"),), (TensorIO("patch_rows"), TensorIO("cls_row")))
-MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),),
-           needs="face", per_frame=True)
-VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),), needs="face")
-HUBERT = _Hubert("hubert", (TensorIO("pcm", {1: "samples"}),), (TensorIO("hubert_row"),), needs="audio")
+MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),), per_frame=True)
+VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),))
+HUBERT = _Hubert("hubert", (TensorIO("pcm", {1: "samples"}),), (TensorIO("hubert_row"),))
 
 BRANCHES = {b.name: b for b in (EVA, MAE, VIDEOMAE, HUBERT)}
 FEATURES = tuple(BRANCHES[name] for name in FEATURE_BRANCHES)   # media-block order of the three feature rows

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 # Unused tensors that real files carry: documented here, never silently dropped elsewhere.
 IGNORED_EMOTION_LLAMA = ("attention.",)                        # an unused attention head in the .pth
 IGNORED_MAE = ("mask_token", "decoder_", "head.", "fc_norm.")   # MAE pretraining decoder / heads
-IGNORED_VIDEOMAE = ("mask_token", "decoder.", "encoder_to_decoder.", "head.", "fc_norm.")
+# VideoMAE: the pretraining encoder's final "norm." has no place in the extraction's model (use_mean_pooling:
+# an Identity there), and its "fc_norm." is created but never applied (docs/model.md)
+IGNORED_VIDEOMAE = ("mask_token", "decoder.", "encoder_to_decoder.", "head.", "fc_norm.", "norm.")
 IGNORED_HUBERT = ("masked_spec_embed", "label_embs_concat", "final_proj.")
 LORA_PREFIX = "llama_model.base_model.model.model.layers."
 EMOTION_LLAMA_NAMES = ("Emoation_LLaMA.pth", "Emotion_LLaMA.pth", "checkpoint_best.pth", "MER2024-best.pth")

@@ -200,7 +200,8 @@ class AsrConfig:
     """Speech recognition for the prompt's subtitle (faster-whisper), off the estimate's path."""
     model: str | None = None        # null: off (runtime.subtitle is used) | bundled (the asr extra's model) |
                                     # a faster-whisper model directory or name
-    task: str = "translate"         # translate: English from any language, as the training transcripts |
+    task: str = "translate"         # translate: English from any language, as the training transcripts (needs
+                                    # a multilingual model; the bundled tiny.en transcribes English, logged) |
                                     # transcribe: the spoken language
     language: str | None = None     # null: detected
     beam_size: int = 1

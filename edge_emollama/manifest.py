@@ -28,12 +28,12 @@ from .errors import ArtifactError
 from .spec import ModelSpec
 
 __all__ = ["MANIFEST", "SCHEMA", "VERSION", "ArtifactFile", "PromptInfo", "MediaInfo", "FeatureModes",
-           "ExportedWindow", "Manifest", "Artifacts", "load_artifacts", "describe_file", "sha256"]
+           "ExportedWindow", "Extraction", "Manifest", "Artifacts", "load_artifacts", "describe_file", "sha256"]
 
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
 SCHEMA = "edge-emollama.manifest"
-VERSION = 1
+VERSION = 2       # 2: the extraction choices (faces, VideoMAE sampling and pooling, absent input, context)
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -110,7 +110,20 @@ class ExportedWindow:
     hop_s: float
 
 
-_PARTS = {"prompt": PromptInfo, "media": MediaInfo, "features": FeatureModes, "window": ExportedWindow}
+@dataclass(frozen=True)
+class Extraction:
+    """How the runtime turns capture into the encoders' inputs, chosen to match the offline feature extraction
+    the model was trained on (docs/model.md has the table with the original's file and line)."""
+    face_crop: str           # openface: aligned 112 px at scale 0.7, masked | box
+    face_pixels: str         # what the face encoders get
+    videomae_sampling: str   # segments: 8 x 2 consecutive frames | uniform
+    videomae_pooling: str    # what VideoMAE's row is made of
+    absent: str              # encode: black faces and silence encoded | zeros: zero features
+    context_s: dict          # mae / videomae / hubert -> seconds each sees, ending at the window's end
+
+
+_PARTS = {"prompt": PromptInfo, "media": MediaInfo, "features": FeatureModes, "window": ExportedWindow,
+          "extraction": Extraction}
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class Manifest:
     media: MediaInfo
     features: FeatureModes
     window: ExportedWindow
+    extraction: Extraction
     artifacts: tuple                 # ArtifactFile of every model file
     extra_files: tuple = ()          # ArtifactFile of zero_rows.npy, validation.json, vocab.gguf
     tools: dict = field(default_factory=dict)

@@ -1,7 +1,7 @@
 """Window inputs -> model tensors (numpy + Pillow, no torch): shared by the reference and the runtime.
 
 - EVA: the chosen frame resized to 448x448 with Pillow's bicubic (as Blip2ImageEvalProcessor), CLIP mean/std.
-- MAE / VideoMAE: face crops resized to 224x224 (bilinear), ImageNet mean/std.
+- MAE / VideoMAE: aligned face crops resized to 224x224 (Pillow bilinear), values in [0, 1], no mean/std.
 - HuBERT: float32 PCM at 16 kHz in [-1, 1]; the wav2vec2 normalisation runs inside the exported graph.
 """
 from __future__ import annotations
@@ -41,20 +41,23 @@ def eva_pixels(frame: np.ndarray, spec: ModelSpec) -> np.ndarray:
     return _normalize(frame, spec.eva.image_size, Image.BICUBIC, spec.clip_mean, spec.clip_std)[None]
 
 
-def _face_stack(crops, size: int, spec: ModelSpec) -> np.ndarray:
-    """[N, 3, size, size]: crops already at ``size`` (the runtime cuts them so) are normalised directly;
-    others are resized first (bilinear)."""
+def _face_stack(crops, size: int) -> np.ndarray:
+    """[N, 3, size, size] in [0, 1]: each crop (OpenFace's 112 px aligned face) resized with Pillow's bilinear
+    filter, then / 255, with no mean/std: MAE's extraction is ``Resize((224, 224))`` + ``ToTensor()``, VideoMAE's
+    ``GroupResize`` (Pillow bilinear) + ``/ 255`` (docs/model.md)."""
     crops = [_rgb(np.asarray(c), "a face crop") for c in crops]
-    if not all(c.shape[:2] == (size, size) for c in crops):
-        crops = [np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR)) for c in crops]
-    return _normalized(np.stack(crops).transpose(0, 3, 1, 2), spec.face_mean, spec.face_std)
+    crops = [c if c.shape[:2] == (size, size) else np.asarray(Image.fromarray(c).resize((size, size), Image.BILINEAR))
+             for c in crops]
+    out = np.ascontiguousarray(np.stack(crops).transpose(0, 3, 1, 2)).astype(np.float32)
+    out /= np.float32(255.0)
+    return out
 
 
 def face_batch(crops, spec: ModelSpec) -> np.ndarray:
     """[T, 3, 224, 224] float32 from T RGB face crops (T >= 1)."""
     if len(crops) == 0:
         raise InputError("face_batch needs at least one face crop; with no face use the zero features")
-    return np.ascontiguousarray(_face_stack(crops, spec.mae.image_size, spec))
+    return np.ascontiguousarray(_face_stack(crops, spec.mae.image_size))
 
 
 def video_clip(crops, spec: ModelSpec) -> np.ndarray:
@@ -62,7 +65,7 @@ def video_clip(crops, spec: ModelSpec) -> np.ndarray:
     frames = spec.videomae.frames
     if len(crops) != frames:
         raise InputError(f"VideoMAE needs exactly {frames} face frames per window, got {len(crops)}")
-    return np.ascontiguousarray(_face_stack(crops, spec.videomae.image_size, spec).transpose(1, 0, 2, 3)[None])
+    return np.ascontiguousarray(_face_stack(crops, spec.videomae.image_size).transpose(1, 0, 2, 3)[None])
 
 
 def audio_pcm(samples: np.ndarray, spec: ModelSpec) -> np.ndarray:

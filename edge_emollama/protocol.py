@@ -36,7 +36,7 @@ TOPICS = {
 }
 ALL_V1 = "emollama.v1."            # subscribe to this (trailing dot) for every topic of version 1
 SCHEMA_NAMES = {kind: f"emollama.{kind}" for kind in TOPICS}
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "estimate.schema.json"
 KIND_OF_TOPIC = {topic: kind for kind, topic in TOPICS.items()}
 

@@ -37,6 +37,12 @@ LAYOUTS = ("inference", "training")
 FEATURE_BRANCHES = ("mae", "videomae", "hubert")  # order of the three feature rows in the media block
 FEATURE_MODES = ("real", "zeros")
 FRAME_RULES = ("middle", "first", "last")
+# The faces the model was trained on: OpenFace FeatureExtraction's aligned faces (default flags), 112 x 112 at
+# similarity scale 0.7, masked outside the face; read back and resized to the encoders' size (docs/model.md).
+ALIGNED_FACE_SIZE = 112
+ALIGNED_FACE_SCALE = 0.7
+# VideoMAE's extraction samples the clip in 8 segments of 2 consecutive frames (dataset_MER.py, test mode).
+VIDEOMAE_SEGMENTS, VIDEOMAE_SEGMENT_FRAMES = 8, 2
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,6 @@ class ModelSpec:
     tokenizer: str = "llama2"     # "llama2": the user's tokenizer.model; "tiny": built in (edge_emollama.vocab)
     clip_mean: tuple = (0.48145466, 0.4578275, 0.40821073)
     clip_std: tuple = (0.26862954, 0.26130258, 0.27577711)
-    face_mean: tuple = (0.485, 0.456, 0.406)   # ImageNet statistics used by MAE / VideoMAE
-    face_std: tuple = (0.229, 0.224, 0.225)
 
     @property
     def patch_rows(self) -> int:

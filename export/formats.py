@@ -1,6 +1,7 @@
 """The single table of export formats: what each writes, what it needs, how it is checked."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,23 @@ class ExportFormat:
 
 def _metadata(ctx: ExportContext, **extra) -> dict:
     return {"producer": "edge-emollama", "preset": ctx.spec.name, **ctx.provenance, **extra}
+
+
+def run_faces(ctx: ExportContext) -> None:
+    """MTCNN's P-, R- and O-Net (facenet-pytorch's weights) -> onnx/face_{pnet,rnet,onet}.onnx, each checked
+    against torch on a fresh random input."""
+    from .face_detector import INPUT, OUTPUTS, dynamic_axes, export_net, load_nets, net_parity
+
+    folder = ctx.staging / "onnx"
+    folder.mkdir(exist_ok=True)
+    for net, module in load_nets().items():
+        with StepTimer(ctx, f"faces {net}"):
+            path = export_net(module, net, folder / f"face_{net}.onnx", ctx.cfg.export.opset,
+                              _metadata(ctx, precision="fp32"))
+            ctx.add(path, format="face-detector", branch=net, precision="fp32", inputs=(INPUT,),
+                    outputs=OUTPUTS[net], dynamic_axes=dynamic_axes(net))
+            ctx.checks[f"faces {net}"] = check = net_parity(module, net, path, np.random.default_rng(), trials=1)
+            raise_on_failure([check], f"ONNX face detector {net}")
 
 
 def run_onnx(ctx: ExportContext) -> None:
@@ -97,7 +115,10 @@ def run_gguf(ctx: ExportContext) -> None:
 
 
 FORMATS = (
-    ExportFormat("onnx", "encoders + projectors, fp32 ONNX", ("torch", "onnx", "onnxruntime"), (), run_onnx,
+    ExportFormat("faces", "MTCNN face detector (P-, R-, O-Net), fp32 ONNX",
+                 ("torch", "onnx", "onnxruntime", "facenet_pytorch"), (), run_faces,
+                 'pip install --no-deps "facenet-pytorch==2.6.0"'),
+    ExportFormat("onnx", "encoders + projectors, fp32 ONNX", ("torch", "onnx", "onnxruntime"), ("faces",), run_onnx,
                  'pip install -e ".[export]"'),
     ExportFormat("onnx-fp16", "encoders + projectors, fp16 ONNX (fp32 I/O)", ("onnx", "onnxruntime"), ("onnx",),
                  run_onnx_fp16, 'pip install -e ".[export]"'),
@@ -109,12 +130,29 @@ FORMATS = (
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
 
 
+# packages used only for the files they ship: looked up, never imported (facenet-pytorch's __init__ needs
+# torchvision, which the export does not install)
+DATA_ONLY = ("facenet_pytorch",)
+BY_NAME = {f.name: f for f in FORMATS}
+
+
+def _installed(module: str) -> bool:
+    if module in DATA_ONLY:
+        return importlib.util.find_spec(module) is not None
+    return available(module)
+
+
 def missing_modules(fmt: ExportFormat) -> list:
-    return [m for m in fmt.needs if not available(m)]
+    return [m for m in fmt.needs if not _installed(m)]
 
 
 def plan(requested: list) -> tuple:
-    """(formats to run in table order, {skipped format: reason}); "auto" = every format whose libraries exist."""
+    """(formats to run in table order, {skipped format: reason}); "auto" = every format whose libraries exist.
+
+    A chosen format brings its requirements (``requires``). Under "auto", a format or a requirement that was
+    not named and whose libraries are missing is skipped with its install command (e.g. "faces" without
+    facenet-pytorch: the runtime can still use ``runtime.faces.detector: haar``); a named format, or a
+    requirement of one named without "auto", must have its libraries."""
     unknown = [r for r in requested if r not in FORMAT_NAMES + ("auto",)]
     if unknown:
         raise ConfigError(f"unknown export format '{unknown[0]}'{did_you_mean(unknown[0], FORMAT_NAMES)}; "
@@ -122,12 +160,21 @@ def plan(requested: list) -> tuple:
     chosen, skipped = set(), {}
     for fmt in FORMATS:
         if "auto" in requested or fmt.name in requested:
-            missing = missing_modules(fmt)
-            if missing and "auto" in requested and fmt.name not in requested:
-                skipped[fmt.name] = f"{', '.join(missing)} not installed; to add it: {fmt.install}"
-            elif missing:
-                raise MissingDependencyError(f"format '{fmt.name}' needs {', '.join(missing)}: {fmt.install}")
-            else:
-                chosen.add(fmt.name)
-                chosen.update(fmt.requires)
+            _choose(fmt, requested, None, chosen, skipped)
     return [f for f in FORMATS if f.name in chosen], skipped
+
+
+def _choose(fmt: ExportFormat, requested: list, needed_by: str | None, chosen: set, skipped: dict) -> None:
+    """Add ``fmt`` and its requirements to ``chosen``, or record why it is skipped, or raise."""
+    if fmt.name in chosen or fmt.name in skipped:
+        return
+    missing = missing_modules(fmt)
+    if missing and "auto" in requested and fmt.name not in requested:
+        skipped[fmt.name] = f"{', '.join(missing)} not installed; to add it: {fmt.install}"
+        return
+    if missing:
+        why = f" (needed by '{needed_by}')" if needed_by else ""
+        raise MissingDependencyError(f"format '{fmt.name}'{why} needs {', '.join(missing)}: {fmt.install}")
+    chosen.add(fmt.name)
+    for name in fmt.requires:
+        _choose(BY_NAME[name], requested, fmt.name, chosen, skipped)

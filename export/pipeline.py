@@ -17,7 +17,7 @@ import numpy as np
 from ..config import Config
 from ..errors import OutputError
 from ..lazy import require
-from ..manifest import (ExportedWindow, FeatureModes, Manifest, MediaInfo, PromptInfo, describe_file,
+from ..manifest import (ExportedWindow, Extraction, FeatureModes, Manifest, MediaInfo, PromptInfo, describe_file,
                         tool_versions, utc_now, write_json)
 from ..prompt import label_pieces
 from ..spec import (FEATURE_BRANCHES, LABELS, PROMPT_TEMPLATE, REASON_INSTRUCTION, RECOGNITION_INSTRUCTION,
@@ -76,6 +76,12 @@ def build_manifest(ctx: ExportContext) -> Manifest:
                               hubert=model.features.hubert, zero_rows="zero_rows.npy"),
         window=ExportedWindow(eva_frame_rule=model.frame_rule, video_frames=spec.videomae.frames,
                               sample_rate=spec.hubert.sample_rate, window_s=model.window_s, hop_s=model.hop_s),
+        extraction=Extraction(
+            face_crop=model.face_crop, videomae_sampling=model.videomae_sampling, absent=model.absent,
+            face_pixels="RGB resized bilinear to the encoder's side, / 255, no mean/std (MAE and VideoMAE)",
+            videomae_pooling="mean of the last block's tokens, no final norm (use_mean_pooling: norm is Identity)",
+            context_s={"mae": model.context.mae_s, "videomae": model.context.videomae_s,
+                       "hubert": model.context.hubert_s}),
         artifacts=tuple(ctx.entries), extra_files=tuple(describe_file(ctx.staging, ctx.staging / f) for f in EXTRA_FILES),
         tools=tool_versions(), skipped_formats=ctx.skipped, timings_s=ctx.timings, quick_checks=ctx.checks,
         created_utc=utc_now())
@@ -90,7 +96,8 @@ def _make_staging(out: Path) -> Path:
                           "its permissions") from exc
 
 
-BYTES_PER_PARAM = {"onnx": 4.0, "onnx-fp16": 2.0, "tensorrt": 2.0, "gguf": 2.0}   # the LLM for gguf
+BYTES_PER_PARAM = {"onnx": 4.0, "onnx-fp16": 2.0, "tensorrt": 2.0, "gguf": 2.0,   # the LLM for gguf
+                   "faces": 0.0}                                                  # MTCNN: 2 MB in all
 QUANT_BYTES_PER_PARAM = {"Q8_0": 1.07, "Q4_K_M": 0.6}                                # others: 1.1
 
 

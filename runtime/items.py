@@ -9,12 +9,14 @@ item's class name travels in the meta, so a stage in another process rebuilds th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 from ..errors import InputError
+from ..spec import ALIGNED_FACE_SIZE
 
 __all__ = ["Presence", "WindowStamp", "WindowItem", "RowsItem", "ScoresItem", "EndOfInput", "encode", "decode"]
 
@@ -51,13 +53,14 @@ class WindowStamp:
     timings_ms: dict = field(default_factory=dict)   # every stage adds its own
     dropped: int = 0            # windows lost upstream so far (scheduler skips, link replacements)
     sent_ns: int = 0            # when the item was handed to its link
+    spans: dict = field(default_factory=dict)        # branch -> {t0_ns, t1_ns, frames | coverage}: what it saw
+    subtitle: str | None = None                      # the text the prompt used (set by the LLM stage)
 
     def timed(self, sent_ns: int, dropped_here: int = 0, **timings_ms: float) -> "WindowStamp":
         """The stamp for the next link: these timings added, ``dropped_here`` more windows lost (the stage's
         inbox replacements so far), handed over at ``sent_ns``."""
-        return WindowStamp(self.index, self.t0_ns, self.t1_ns, self.presence,
-                           {**self.timings_ms, **{k: float(v) for k, v in timings_ms.items()}},
-                           self.dropped + dropped_here, sent_ns)
+        return dataclasses.replace(self, timings_ms={**self.timings_ms, **{k: float(v) for k, v in timings_ms.items()}},
+                                   dropped=self.dropped + dropped_here, sent_ns=sent_ns)
 
 
 class _Stamped:
@@ -160,7 +163,7 @@ def synthetic_window(spec, rng: np.random.Generator, *, index: int = 0, t1_ns: i
                      crops: np.ndarray | None = None, frame_times_ns: np.ndarray | None = None) -> WindowItem:
     """A window of random pixels and noise at the preset's shapes, face and voice present: the warm-up's input
     and the bench's (``crops``/``frame_times_ns`` given: consecutive windows share frames, as live ones do)."""
-    size = spec.mae.image_size
+    size = ALIGNED_FACE_SIZE   # the window builder's crops are OpenFace-aligned faces
     if crops is None:
         crops = rng.integers(0, 255, (spec.videomae.frames, size, size, 3), dtype=np.uint8)
     if frame_times_ns is None:

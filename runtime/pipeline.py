@@ -11,6 +11,7 @@ prompt layout and the label pieces.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,9 +20,10 @@ from typing import Callable
 from ..config import LINKS, RuntimeConfig
 from ..errors import EdgeEmollamaError, InputError
 from ..manifest import Artifacts, load_artifacts
+from .asr import AsrWorker, Transcriber
 from .clock import now_ns, run_anchor
 from .control import ControlServer
-from .faces import FaceCache, FaceDetector
+from .faces import FaceCache, make_detector
 from .fusion import Fusion
 from .items import EndOfInput, RowsItem, ScoresItem
 from .link import Consumer, LinkOptions, Producer
@@ -52,7 +54,7 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.errors: list = []
         self.sources, self.threads, self._closers = [], [], []
-        self.publisher = self.control = self.reasoner = None
+        self.publisher = self.control = self.reasoner = self.asr = None
         self.published = 0
         offline_file = config.sources.video is not None and not config.sources.realtime
         self._lossless = offline_file if lossless is None else lossless
@@ -126,9 +128,15 @@ class Pipeline:
             self.sources.append(audio)
         if not self.sources:
             raise InputError("no source: give --camera, --mic or --video (see edge-emollama run --help)")
-        faces = FaceCache(FaceDetector(cfg.faces))
-        return WindowScheduler(video if video is not None and video.frames is not None else None,
-                               audio if audio is not None and audio.audio is not None else None, self.plan, faces)
+        faces = FaceCache(make_detector(self.artifacts, cfg.faces))
+        audio = audio if audio is not None and audio.audio is not None else None
+        history_s = 0.0
+        if cfg.asr.model is not None and audio is not None:
+            self.asr = AsrWorker(Transcriber(cfg.asr), audio.audio, cfg.asr)
+            self._closers.append(self.asr.close)
+            history_s = cfg.asr.context_s
+        return WindowScheduler(video if video is not None and video.frames is not None else None, audio, self.plan,
+                               faces, history_s=history_s)
 
     def _start_publisher(self) -> None:
         self.publisher = Publisher(self.config.publish, anchor=run_anchor()).start()
@@ -163,6 +171,9 @@ class Pipeline:
                     if scheduler.ended:
                         break
                     continue
+                if self.asr is not None:   # the newest transcript ready now; then the speech up to this window
+                    window.stamp.subtitle = self.asr.pick(window.t1_ns, self.plan.hop_ns).text
+                    self.asr.submit_until(window.t1_ns)
                 window.stamp.dropped, window.stamp.sent_ns = scheduler.dropped, now_ns()
                 self._send(outbox, window)
                 count += 1
@@ -181,15 +192,16 @@ class Pipeline:
             self._send(outbox, RowsItem(stamp, rows))
 
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:
-        subtitle = self.config.subtitle
         try:
             for item in self._items(inbox, outbox):
+                # a fixed runtime.subtitle overrides; else what speech recognition heard (capture attached it)
+                subtitle = self.config.subtitle or item.stamp.subtitle or ""
                 waited = (now_ns() - item.stamp.sent_ns) / 1e6
                 probabilities, llm_ms = stage(item.rows, subtitle)
                 if self.reasoner is not None:
                     self.reasoner.remember(item.rows, subtitle, item.t1_ns)
                 stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_llm_ms=waited, llm_ms=llm_ms)
-                self._send(outbox, ScoresItem(stamp, probabilities))
+                self._send(outbox, ScoresItem(dataclasses.replace(stamp, subtitle=subtitle), probabilities))
         finally:
             if self.reasoner is not None:
                 self.control.set_explain(None)
@@ -207,7 +219,8 @@ class Pipeline:
                 dropped = lost
             timings = {**item.stamp.timings_ms, "queue_publish_ms": (now_ns() - item.stamp.sent_ns) / 1e6,
                        "fusion_ms": (time.perf_counter() - start) * 1000}
-            self.publisher.publish_estimate(fused, item.presence.to_wire(), timings, item.index, method)
+            self.publisher.publish_estimate(fused, item.presence.to_wire(), timings, item.index, method,
+                                            item.stamp.spans, item.stamp.subtitle)
             for event in fused.events:
                 self.publisher.publish_event(event, (item.t0_ns, item.t1_ns))
             self.published += 1

@@ -33,9 +33,12 @@ _STOP = object()
 
 
 def estimate_payload(fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
-                     smoothing: str) -> dict:
+                     smoothing: str, spans: dict | None = None, subtitle: str | None = None) -> dict:
     """The estimate payload of one window (``latency_ms`` is added when sent)."""
-    return {
+    extra = {"spans": spans} if spans else {}
+    if subtitle is not None:
+        extra["subtitle"] = subtitle
+    return {**extra,
         "window_index": int(window_index),
         "labels": list(fused.labels),
         "probabilities": [float(p) for p in fused.probabilities],
@@ -242,8 +245,8 @@ class Publisher:
         return self._put((kind, payload, window))
 
     def publish_estimate(self, fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
-                         smoothing: str) -> bool:
-        payload = estimate_payload(fused, presence, timings_ms, window_index, smoothing)
+                         smoothing: str, spans: dict | None = None, subtitle: str | None = None) -> bool:
+        payload = estimate_payload(fused, presence, timings_ms, window_index, smoothing, spans, subtitle)
         return self.publish("estimate", payload, (fused.t0_ns, fused.t1_ns))
 
     def publish_event(self, event: FusionEvent, window: tuple[int, int] | None = None) -> bool:

@@ -36,16 +36,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import WindowConfig
+from ..config import ABSENT_RULES, FACE_CROPS, VIDEOMAE_SAMPLINGS, WindowConfig
 from ..errors import ConfigError, InputError
 from ..manifest import Manifest
-from ..spec import FRAME_RULES, ModelSpec
+from ..spec import (ALIGNED_FACE_SCALE, ALIGNED_FACE_SIZE, FEATURE_BRANCHES, FRAME_RULES, VIDEOMAE_SEGMENT_FRAMES,
+                    VIDEOMAE_SEGMENTS, ModelSpec)
+from .align import align_face
 from .clock import NS_PER_S, now_ns
-from .faces import FaceBox, FaceCache, FaceDetector, crop_square
+from .faces import FaceCache, crop_square
 from .items import Presence, WindowItem, WindowStamp
 from .sources import AudioRing, Frame, FrameRing, Source
 
-__all__ = ["WindowPlan", "WindowBuilder", "WindowScheduler", "uniform_indices"]
+__all__ = ["WindowPlan", "WindowBuilder", "WindowScheduler", "uniform_indices", "segment_indices"]
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.05
@@ -53,20 +55,26 @@ _POLL_S = 0.05
 
 @dataclass(frozen=True)
 class WindowPlan:
-    """What a window is: span, hop and EVA frame rule, the model's input sizes, and the tuning."""
+    """What a window is: its span, hop and EVA frame rule; how far back each feature branch sees (context); how
+    faces are cropped, VideoMAE's frames sampled and absent input treated; the model's input sizes; tuning."""
     window_s: float
     hop_s: float
     frame_rule: str
-    face_size: int                      # MAE / VideoMAE crop side (mae.image_size)
+    face_size: int                      # MAE / VideoMAE encoder side (mae.image_size)
     videomae_frames: int                # videomae.frames
     sample_rate: int                    # hubert.sample_rate
+    context_s: dict = field(default_factory=dict)   # mae / videomae / hubert -> seconds (missing: the window)
+    face_crop: str = "openface"         # openface (aligned 112 px, scale 0.7, masked) | box (square box crop)
+    videomae_sampling: str = "segments"  # segments (8 x 2 consecutive frames) | uniform
+    absent: str = "encode"              # encode (black faces, silence encoded) | zeros (zero features)
     tuning: WindowConfig = field(default_factory=WindowConfig)
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, window_s: float = 2.0, hop_s: float = 0.5, frame_rule: str = "middle",
-                 **tuning) -> "WindowPlan":
+                 context_s: dict | None = None, face_crop: str = "openface", videomae_sampling: str = "segments",
+                 absent: str = "encode", **tuning) -> "WindowPlan":
         return cls(window_s, hop_s, frame_rule, spec.mae.image_size, spec.videomae.frames, spec.hubert.sample_rate,
-                   WindowConfig(**tuning)).validate()
+                   dict(context_s or {}), face_crop, videomae_sampling, absent, WindowConfig(**tuning)).validate()
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, config: WindowConfig = WindowConfig()) -> "WindowPlan":
@@ -80,19 +88,41 @@ class WindowPlan:
                 log.warning("runtime.windows.%s = %s overrides the exported %s (manifest): the model sees other "
                             "windows than the export was configured and validated for", key, value, recorded)
             chosen[key] = recorded if value is None else value
-        spec = manifest.spec
+        spec, extraction = manifest.spec, manifest.extraction
         return cls(face_size=spec.mae.image_size, videomae_frames=spec.videomae.frames,
-                   sample_rate=spec.hubert.sample_rate, tuning=config, **chosen).validate()
+                   sample_rate=spec.hubert.sample_rate, context_s=dict(extraction.context_s),
+                   face_crop=extraction.face_crop, videomae_sampling=extraction.videomae_sampling,
+                   absent=extraction.absent, tuning=config, **chosen).validate()
 
     def validate(self) -> "WindowPlan":
         if not (self.window_s > 0 and self.hop_s > 0):
             raise ConfigError(f"window_s={self.window_s}, hop_s={self.hop_s}: both must be > 0")
         if self.hop_s > self.window_s:
             raise ConfigError(f"hop_s={self.hop_s} > window_s={self.window_s} would leave gaps: use hop_s <= window_s")
-        if self.frame_rule not in FRAME_RULES:
-            raise ConfigError(f"frame_rule='{self.frame_rule}': use one of {FRAME_RULES}")
+        for name, value, allowed in (("frame_rule", self.frame_rule, FRAME_RULES),
+                                     ("face_crop", self.face_crop, FACE_CROPS),
+                                     ("videomae_sampling", self.videomae_sampling, VIDEOMAE_SAMPLINGS),
+                                     ("absent", self.absent, ABSENT_RULES)):
+            if value not in allowed:
+                raise ConfigError(f"{name}='{value}': use one of {allowed}")
+        if any(not v > 0 for v in self.context_s.values()) or set(self.context_s) - set(FEATURE_BRANCHES):
+            raise ConfigError(f"context {self.context_s}: seconds > 0 for {', '.join(FEATURE_BRANCHES)}")
         self.tuning.validate()
         return self
+
+    def context_ns(self, branch: str) -> int:
+        """How far back ``branch`` sees from the window's end (the window itself when not set)."""
+        return int(round(self.context_s.get(branch, self.window_s) * NS_PER_S))
+
+    @property
+    def span_ns(self) -> int:
+        """The longest span anything of a window looks back: what the rings must keep."""
+        return max([self.window_ns] + [self.context_ns(b) for b in FEATURE_BRANCHES])
+
+    @property
+    def crop_size(self) -> int:
+        """Side of a window's face crops: OpenFace's aligned 112 px, or the encoder's side for box crops."""
+        return ALIGNED_FACE_SIZE if self.face_crop == "openface" else self.face_size
 
     @property
     def window_ns(self) -> int:
@@ -110,8 +140,21 @@ def uniform_indices(n: int, count: int) -> np.ndarray:
     return np.minimum(((np.arange(count) + 0.5) * n / count).astype(np.int64), n - 1)
 
 
-def _hold_nearest(boxes: list[FaceBox | None]) -> list[FaceBox | None]:
-    """Each missing box replaced by the nearest present one (the earlier on a tie)."""
+def segment_indices(n: int, segments: int = VIDEOMAE_SEGMENTS, length: int = VIDEOMAE_SEGMENT_FRAMES) -> np.ndarray:
+    """VideoMAE's extraction sampling: ``segments`` segments of ``length`` consecutive frames, each starting in
+    the middle of its segment; with too few frames every segment starts at frame 0 (repeats at the end)."""
+    if n <= 0:
+        raise InputError("cannot sample frames from an empty window")
+    if n > segments + length - 1:
+        tick = (n - length + 1) / segments
+        starts = [int(tick / 2 + tick * k) for k in range(segments)]
+    else:
+        starts = [0] * segments
+    return np.array([min(start + i, n - 1) for start in starts for i in range(length)], np.int64)
+
+
+def _hold_nearest(boxes: list) -> list:
+    """Each missing entry replaced by the nearest present one (the earlier on a tie)."""
     have = [i for i, b in enumerate(boxes) if b is not None]
     if not have:
         return list(boxes)
@@ -119,7 +162,11 @@ def _hold_nearest(boxes: list[FaceBox | None]) -> list[FaceBox | None]:
 
 
 class WindowBuilder:
-    """Assembles a :class:`WindowItem` for any ``[t0, t1)`` from a frame ring and/or an audio ring."""
+    """Assembles a :class:`WindowItem` for any ``[t0, t1)`` from a frame ring and/or an audio ring.
+
+    The EVA frame comes from ``[t0, t1)``; MAE's frames, VideoMAE's frames and HuBERT's audio from their
+    context ``[t1 - context, t1)``. Face crops follow ``plan.face_crop``; a frame without a detected face is
+    black (``absent: encode``, as OpenFace wrote it) or borrows the nearest detection (``absent: zeros``)."""
 
     def __init__(self, frames: FrameRing | None, audio: AudioRing | None, plan: WindowPlan,
                  faces: FaceCache | None = None):
@@ -129,46 +176,85 @@ class WindowBuilder:
         if audio is not None and audio.sample_rate != plan.sample_rate:
             raise ConfigError(f"audio ring at {audio.sample_rate} Hz but windows want {plan.sample_rate} Hz: "
                               "capture at the model's rate")
-        self.frames, self.audio = frames, audio
-        self.faces = faces if faces is not None or frames is None else FaceCache(FaceDetector())
+        if faces is None and frames is not None:
+            raise ConfigError("a window with video needs a face cache (runtime.faces)")
+        self.frames, self.audio, self.faces = frames, audio, faces
 
     def build(self, index: int, t0_ns: int, t1_ns: int) -> WindowItem:
-        started = time.perf_counter()
-        frames = self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
+        started, plan = time.perf_counter(), self.plan
         timings: dict[str, float] = {}
-        vision, face, fraction = self._vision(frames, timings, (t0_ns + t1_ns) // 2)
-        audio, coverage, rms = self._audio(t0_ns, t1_ns)
+        spans: dict[str, dict] = {}
+        vision, face, fraction = self._vision(t0_ns, t1_ns, timings, spans)
+        audio, coverage, rms = self._audio(t1_ns - plan.context_ns("hubert"), t1_ns, spans)
         timings["window_ms"] = (time.perf_counter() - started) * 1e3
         active = self.audio is not None and coverage > 0
-        presence = Presence(video=self.frames is not None and bool(frames), face=face, face_fraction=fraction,
-                            audio=active and rms >= self.plan.tuning.audio_rms_threshold, audio_active=active,
+        presence = Presence(video=bool(vision["frame_times_ns"].size), face=face, face_fraction=fraction,
+                            audio=active and rms >= plan.tuning.audio_rms_threshold, audio_active=active,
                             audio_rms=rms, audio_coverage=coverage)
-        return WindowItem(stamp=WindowStamp(index, t0_ns, t1_ns, presence, timings), audio=audio, **vision)
+        if plan.absent == "zeros" and not presence.audio:
+            audio = None                           # HuBERT gives its zero row for silence
+        return WindowItem(stamp=WindowStamp(index, t0_ns, t1_ns, presence, timings, spans=spans), audio=audio,
+                          **vision)
 
-    def _vision(self, frames: list[Frame], timings: dict, middle_ns: int) -> tuple:
+    def _frames_between(self, t0_ns: int, t1_ns: int) -> list:
+        return self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
+
+    def _vision(self, t0_ns: int, t1_ns: int, timings: dict, spans: dict) -> tuple:
         plan = self.plan
-        size = plan.face_size
         started = time.perf_counter()
-        boxes = [self.faces.get(f.t_ns, f.image) for f in frames]
+        frames = self._frames_between(t1_ns - plan.context_ns("mae"), t1_ns)
+        faces = [self.faces.get(f.t_ns, f.image) for f in frames]
         timings["faces_ms"] = (time.perf_counter() - started) * 1e3
-        detected = np.array([b is not None for b in boxes], bool)
+        detected = np.array([f is not None for f in faces], bool)
         fraction = float(detected.mean()) if detected.size else 0.0
-        present = bool(frames) and fraction >= plan.tuning.min_face_fraction and detected.any()
-        held = _hold_nearest(boxes)
+        present = bool(frames) and bool(detected.any()) and fraction >= plan.tuning.min_face_fraction
+        encode = plan.absent == "encode" and bool(frames) or present
         started = time.perf_counter()
-        crops = (np.stack([crop_square(f.image, b, size, plan.tuning.face_margin) for f, b in zip(frames, held)])
-                 if present else np.zeros((0, size, size, 3), np.uint8))
+        used = faces if plan.absent == "encode" else _hold_nearest(faces)
+        size = plan.crop_size
+        crops = (np.stack([self._crop(fr.image, fa) for fr, fa in zip(frames, used)]) if encode
+                 else np.zeros((0, size, size, 3), np.uint8))
         timings["crops_ms"] = (time.perf_counter() - started) * 1e3
         times = np.array([f.t_ns for f in frames], np.int64)
-        picks = uniform_indices(len(frames), plan.videomae_frames) if present else None
-        chosen = self._pick_frame(frames, middle_ns)
-        vision = dict(
-            frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
-            frame_times_ns=times, face_detected=detected,
-            face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in held], np.int32).reshape(-1, 4),
-            face_crops=crops, videomae_frames=crops[picks] if present else None,
-            videomae_times_ns=times[picks] if present else None)
-        return vision, bool(present), fraction
+        video = self._videomae(frames, times, crops, t1_ns, encode)
+        chosen = self._pick_frame(self._frames_between(t0_ns, t1_ns), (t0_ns + t1_ns) // 2)
+        if frames:
+            spans["mae"] = {"t0_ns": int(times[0]), "t1_ns": int(times[-1]), "frames": int(times.size)}
+        if video["videomae_times_ns"] is not None:
+            v = video["videomae_times_ns"]
+            spans["videomae"] = {"t0_ns": int(v.min()), "t1_ns": int(v.max()), "frames": int(v.size)}
+        if chosen is not None:
+            spans["eva"] = {"t0_ns": chosen.t_ns, "t1_ns": chosen.t_ns, "frames": 1}
+        boxes = [f.box if f is not None else None for f in used]
+        return dict(frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
+                    frame_times_ns=times, face_detected=detected, face_crops=crops,
+                    face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in boxes],
+                                        np.int32).reshape(-1, 4), **video), present, fraction
+
+    def _crop(self, image: np.ndarray, face) -> np.ndarray:
+        """One frame's face crop: aligned (OpenFace), a square box crop, or black without a face."""
+        size = self.plan.crop_size
+        if face is None:
+            return np.zeros((size, size, 3), np.uint8)
+        if self.plan.face_crop == "openface" and face.landmarks is not None:
+            return align_face(image, face.landmarks, ALIGNED_FACE_SIZE, ALIGNED_FACE_SCALE)
+        return crop_square(image, face.box, size, self.plan.tuning.face_margin)
+
+    def _videomae(self, frames: list, times: np.ndarray, crops: np.ndarray, t1_ns: int, encode: bool) -> dict:
+        """VideoMAE's frames from its own context (a subset of MAE's when shorter, the crops reused)."""
+        plan = self.plan
+        if not encode or not frames:
+            return {"videomae_frames": None, "videomae_times_ns": None}
+        keep = np.nonzero(times >= t1_ns - plan.context_ns("videomae"))[0]
+        if keep.size == 0 or plan.context_ns("videomae") > plan.context_ns("mae"):
+            extra = self._frames_between(t1_ns - plan.context_ns("videomae"), t1_ns)
+            faces = [self.faces.get(f.t_ns, f.image) for f in extra]
+            faces = faces if plan.absent == "encode" else _hold_nearest(faces)
+            crops = np.stack([self._crop(fr.image, fa) for fr, fa in zip(extra, faces)])
+            times, keep = np.array([f.t_ns for f in extra], np.int64), np.arange(len(extra))
+        pick = (segment_indices(keep.size) if plan.videomae_sampling == "segments"
+                else uniform_indices(keep.size, plan.videomae_frames))
+        return {"videomae_frames": crops[keep[pick]], "videomae_times_ns": times[keep[pick]]}
 
     def _pick_frame(self, frames: list[Frame], middle_ns: int) -> Frame | None:
         if not frames:
@@ -179,11 +265,12 @@ class WindowBuilder:
             return frames[-1]
         return min(frames, key=lambda f: abs(f.t_ns - middle_ns))
 
-    def _audio(self, t0_ns: int, t1_ns: int) -> tuple[np.ndarray | None, float, float]:
+    def _audio(self, t0_ns: int, t1_ns: int, spans: dict) -> tuple[np.ndarray | None, float, float]:
         if self.audio is None:
             return None, 0.0, 0.0
         samples, coverage = self.audio.read(t0_ns, t1_ns)
         rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+        spans["hubert"] = {"t0_ns": int(t0_ns), "t1_ns": int(t1_ns), "coverage": round(float(coverage), 4)}
         return samples, coverage, rms
 
 
@@ -196,8 +283,11 @@ class WindowScheduler:
     """
 
     def __init__(self, video: Source | None, audio: Source | None, plan: WindowPlan,
-                 faces: FaceCache | None = None):
+                 faces: FaceCache | None = None, history_s: float = 0.0):
+        """``history_s``: audio and frames the rings keep behind a window's end besides its own span (speech
+        recognition reads the last seconds of audio after the window was cut)."""
         self.plan = plan.validate()
+        self._keep_ns = max(plan.span_ns, int(round(history_s * NS_PER_S)))
         self._frames = video.frames if video is not None else None
         self._audio = audio.audio if audio is not None else None
         self._sources = [s for s in dict.fromkeys(x for x in (video, audio) if x is not None)]
@@ -206,10 +296,10 @@ class WindowScheduler:
             raise InputError("no capture: the video source has no frames and the audio source no audio "
                              "(give a camera, a microphone or a file with at least one track)")
         self.builder = WindowBuilder(self._frames, self._audio, plan, faces)
-        span_s = plan.window_s + plan.hop_s
+        span_s = self._keep_ns / NS_PER_S + plan.hop_s
         if self._audio is not None and self._audio.capacity < span_s * plan.sample_rate:
             raise ConfigError(f"the audio buffer of {audio.name} holds {self._audio.capacity / plan.sample_rate:.1f}"
-                              f" s, less than W + H = {span_s} s: raise its ring_seconds")
+                              f" s, less than the longest context + H = {span_s} s: raise its ring_seconds")
         live = all(s.realtime for s in self._sources)
         self.drop_stale = live if plan.tuning.drop_stale is None else plan.tuning.drop_stale
         self._cond = threading.Condition()
@@ -282,13 +372,14 @@ class WindowScheduler:
             source.check()
         for source, ring in self._feeds:
             if ring.block_when_full and self._stuck(ring):
-                raise ConfigError(f"the {source.kind} buffer of {source.name} is full but holds less than one "
-                                  f"window of {self.plan.window_s} s: raise its ring_seconds above W + H")
+                raise ConfigError(f"the {source.kind} buffer of {source.name} is full but holds less than a window's "
+                                  f"span of {self.plan.span_ns / NS_PER_S:g} s: raise its ring_seconds above the "
+                                  "longest context + H")
 
     def _stuck(self, ring) -> bool:
         if self.start_ns is None or not isinstance(ring, FrameRing) or len(ring) < ring.capacity:
             return False
-        t0 = self._t1(self.next_index) - self.plan.window_ns
+        t0 = self._t1(self.next_index) - self.plan.span_ns
         first, last = ring.first_t_ns(), ring.last_t_ns()
         return first is not None and last is not None and first >= t0 and last < self._t1(self.next_index)
 
@@ -315,7 +406,7 @@ class WindowScheduler:
         index, t0, t1 = span
         window = self.builder.build(index, t0, t1)  # outside the lock: capture threads never wait on it
         for _, ring in self._feeds:
-            ring.discard_before(self._t1(index + 1) - self.plan.window_ns)
+            ring.discard_before(self._t1(index + 1) - self._keep_ns)
         return window
 
     def _undetected(self) -> list[Frame]:

@@ -31,7 +31,7 @@ def tiny_reference(tiny_tok):
     from edge_emollama.reference.synthetic import build_random
     from edge_emollama.spec import TINY
 
-    return build_random(TINY, tiny_tok, seed=11)
+    return build_random(TINY, tiny_tok, seed=0)   # the seed of the tiny export (export.seed)
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,7 @@ def test_ping_status_schema(served, ctx):
     status = ask(server, {"verb": "status", "id": 7}, ctx)["result"]
     assert status["state"] in ("starting", "degraded")
     schema = ask(server, {"verb": "schema"}, ctx)["result"]
-    assert schema["schema_version"] == "1.0.0" and "estimate" in schema["schema"]["$defs"]
+    assert schema["schema_version"] == "1.1.0" and "estimate" in schema["schema"]["$defs"]
     assert schema["topics"]["estimate"] == "emollama.v1.estimate"
 
 

@@ -30,7 +30,7 @@ def test_the_manifest_round_trips_through_its_json_form(tiny_artifacts):
     manifest = load_artifacts(tiny_artifacts).manifest
     assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
     assert manifest.spec == TINY and manifest.label_pieces and all(manifest.label_pieces)
-    assert {a.format for a in manifest.artifacts} == {"onnx", "gguf"} and manifest.extra_files
+    assert {a.format for a in manifest.artifacts} == {"face-detector", "onnx", "gguf"} and manifest.extra_files
 
 
 @pytest.mark.parametrize("damage, named", [

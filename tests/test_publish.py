@@ -106,7 +106,7 @@ def test_messages_are_strict_valid_and_sequenced(ctx):
         topic = frames[0].decode()
         header, payload = strict_loads(frames[1]), strict_loads(frames[2])
         assert message_errors(topic, header, payload) == []
-        assert header["topic"] == topic and header["schema_version"] == "1.0.0"
+        assert header["topic"] == topic and header["schema_version"] == "1.1.0"
         assert header["schema"] == "emollama." + topic.rsplit(".", 1)[1]
         streams.add(header["stream_id"])
         seqs.setdefault(topic, []).append(header["seq"])

@@ -99,3 +99,19 @@ def test_training_layout_splits_at_both_placeholders(tiny_tok):
     assert inference[0][:2] == [tiny_tok.bos_id, tiny_tok.bos_id]
     with pytest.raises(Exception, match="layout"):
         prompt_parts(tiny_tok, TINY, "hello", layout="other")
+
+
+def test_videomae_row_is_the_mean_of_the_last_block_without_a_final_norm(tiny_reference):
+    """The extraction's VideoMAE (vit_large_patch16_224(), use_mean_pooling=True: norm is an Identity, fc_norm
+    never applied): the feature is the plain mean of the last block's tokens. Recomputed here block by block."""
+    ref = tiny_reference
+    clip = torch.from_numpy(BRANCHES["videomae"].example_inputs(TINY, np.random.default_rng())["clip"])
+    with torch.no_grad():
+        video = ref.video_encoder
+        tokens = video.patch_embed.proj(clip).flatten(2).transpose(1, 2) + video.pos_embed
+        for block in video.blocks:
+            tokens = block(tokens)
+        want = ref.feats_llama_proj2(tokens.mean(dim=1))
+        got = ref.branches()["videomae"](clip)
+    assert not hasattr(video, "norm") and tokens.shape[1] == TINY.videomae.num_patches
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 
 from edge_emollama.errors import ConfigError, InputError
 from edge_emollama.runtime.clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
-from edge_emollama.runtime.faces import FaceDetector
+from edge_emollama.runtime.faces import HaarDetector
 from edge_emollama.tools.sample_clip import synth_voice, write_sample_clip
 from edge_emollama.config import FileConfig
 from edge_emollama.runtime.sources import AudioRing, CameraSource, Frame, FrameRing, Source, VideoFileSource
@@ -35,11 +35,11 @@ def test_sample_clip_has_video_audio_and_a_detected_face(clip):
         assert container.streams.video and container.streams.audio
         images = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(images) == int(SECONDS * FPS)
-    detector = FaceDetector()  # the default options, as the runtime uses them
+    detector = HaarDetector()  # the default options, as the runtime uses them
     sampled = images[::4]
-    found = [detector.detect(img) for img in sampled]
-    assert sum(b is not None for b in found) >= 0.9 * len(sampled)
-    box = next(b for b in found if b is not None)
+    found = [detector.largest(img) for img in sampled]
+    assert sum(f is not None for f in found) >= 0.9 * len(sampled)
+    box = next(f.box for f in found if f is not None)
     assert 60 <= box.h <= 220 and 0 <= box.x < 320
     with VideoFileSource(clip, RATE, realtime=False, options=FileConfig(video=False)) as src:
         deadline = time.monotonic() + 10

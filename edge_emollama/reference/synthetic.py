@@ -108,6 +108,8 @@ def _mae_state(model: EmotionLlamaReference) -> dict:
 
 def _videomae_state(model: EmotionLlamaReference) -> dict:
     state = {f"encoder.{k}": v for k, v in model.video_encoder.state_dict().items()}
-    state["encoder_to_decoder.weight"] = torch.zeros(8, model.spec.videomae.dim)
+    dim = model.spec.videomae.dim
+    state["encoder.norm.weight"], state["encoder.norm.bias"] = torch.ones(dim), torch.zeros(dim)  # unused by the
+    state["encoder_to_decoder.weight"] = torch.zeros(8, dim)                               # extraction's model
     state["decoder.norm.weight"] = torch.zeros(8)
     return state

@@ -4,8 +4,9 @@
   no final norm); a 224-pixel checkpoint's position embedding is resized bicubically to the model's grid.
 - ``FaceViT``: MAE ViT-L/16 (facebookresearch/mae models_vit, qkv bias, ``norm``); the per-frame embedding is
   the CLS token after ``norm``.
-- ``VideoViT``: VideoMAE ViT-L/16 with tubelet 2 (q/v biases, fixed sinusoidal positions, ``norm``); the
-  clip embedding is the mean of its tokens after ``norm``.
+- ``VideoViT``: VideoMAE ViT-L/16 with tubelet 2 (q/v biases, fixed sinusoidal positions) as the extraction
+  built it: ``vit_large_patch16_224()`` with ``use_mean_pooling=True``, where the final ``norm`` is an Identity
+  (and ``fc_norm`` is never applied): the clip embedding is the mean of the last block's tokens, no LayerNorm.
 """
 from __future__ import annotations
 
@@ -121,7 +122,7 @@ class FaceViT(_ClsViT):
 
 
 class VideoViT(nn.Module):
-    """VideoMAE ViT-L: [B, 3, frames, 224, 224] -> [B, tokens, dim] after ``norm``."""
+    """VideoMAE ViT-L: [B, 3, frames, 224, 224] -> [B, tokens, dim], the last block's output (no final norm)."""
 
     def __init__(self, spec: VitSpec):
         super().__init__()
@@ -129,13 +130,12 @@ class VideoViT(nn.Module):
         self.patch_embed = PatchEmbed(spec, video=True)
         self.register_buffer("pos_embed", sinusoid_table(spec.num_patches, spec.dim), persistent=False)
         self.blocks = nn.ModuleList(Block(spec, "qv") for _ in range(spec.depth))
-        self.norm = nn.LayerNorm(spec.dim, eps=spec.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return x
 
 
 def sinusoid_table(positions: int, dim: int) -> torch.Tensor:

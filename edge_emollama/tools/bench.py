@@ -36,7 +36,7 @@ from ..runtime.link import LinkOptions, Producer
 from ..runtime.pipeline import Pipeline
 from ..runtime.stages import EncoderStage, LlmStage
 from ..scoring import kl_divergence
-from ..spec import ModelSpec
+from ..spec import ALIGNED_FACE_SIZE, ModelSpec
 from ..vocab import LlamaTokenizer
 from .sample_clip import write_sample_clip
 
@@ -60,7 +60,7 @@ def synthetic_windows(spec: ModelSpec, rng: np.random.Generator, count: int, win
     """Windows as the scheduler sends them, cut from one synthetic stream: a 640x480 frame, a face crop per
     frame (consecutive windows share frames, as live ones do), 16 VideoMAE crops, audio."""
     per_window, per_hop = max(1, int(round(window_s * fps))), max(1, int(round(hop_s * fps)))
-    size = spec.mae.image_size
+    size = ALIGNED_FACE_SIZE
     bank = rng.integers(0, 255, (per_window + per_hop * (count - 1), size, size, 3), dtype=np.uint8)
     start, items = now_ns(), []
     for i in range(count):
