@@ -320,6 +320,14 @@ class ControlConfig:
 class ReasoningConfig:
     enabled: bool = True            # the explain verb: a second llama.cpp context for [reason] text
     max_tokens: int = 96
+    per_client_per_minute: int = 6  # explain requests one control client may make per minute (others refused)
+
+
+@dataclass
+class SecurityConfig:
+    """ZeroMQ CURVE ("ironhouse"): encrypted sockets that accept only the allow-listed client keys."""
+    curve: str | None = None        # a folder from `edge-emollama keys DIR`: server.key(_secret), clients/*.key
+    insecure: bool = False          # allow binding beyond loopback without CURVE (refused otherwise)
 
 
 @dataclass
@@ -341,6 +349,7 @@ class RuntimeConfig:
     publish: PublishConfig = field(default_factory=PublishConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def validate(self) -> "RuntimeConfig":
         for stage in self.stages:

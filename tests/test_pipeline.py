@@ -197,3 +197,34 @@ def test_listen_validates_what_it_prints(tiny_artifacts, sample_clip, endpoints,
     assert result["r"].estimates == 3 and result["r"].invalid == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "latency=" in line]
     assert len(lines) == 3 and all(any(label in line for label in LABELS) for line in lines)
+
+
+def test_the_spoken_words_reach_the_prompt_and_the_estimate(tiny_artifacts, tmp_path, endpoints):
+    """The sample clip's espeak-ng voice, transcribed by the bundled Whisper model off the estimate's path:
+    later estimates carry the words they used (payload `subtitle`), none waits for a transcript."""
+    import shutil
+
+    import pytest
+
+    from edge_emollama.config import AsrConfig
+    from edge_emollama.tools.sample_clip import write_sample_clip
+
+    pytest.importorskip("faster_whisper", reason='speech recognition needs pip install -e ".[asr]"')
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    clip = write_sample_clip(tmp_path / "speech.mp4", seconds=6.0, voice="espeak")
+    recorder = Recorder(endpoints[0])
+    options = _options(tiny_artifacts, clip, endpoints, asr=AsrConfig(model="bundled", context_s=4.0),
+                       reasoning=ReasoningConfig(enabled=False))
+    pipeline = Pipeline(options).start()
+    assert pipeline.wait(timeout_s=60)
+    pipeline.close()
+    recorder.stop()
+    pipeline.raise_errors()
+    estimates = [p for _, _, p in recorder.of("estimate")]
+    assert len(estimates) >= 8 and all(message_errors("emollama.v1.estimate", h, p) == []
+                                       for _, h, p in recorder.of("estimate"))
+    heard = " ".join(p["subtitle"].lower() for p in estimates)
+    assert estimates[0]["subtitle"] == ""                      # nothing transcribed before the first window
+    assert sum(word in heard for word in ("hello", "test", "happy", "today")) >= 2
+    assert max(p["timings_ms"]["llm_ms"] for p in estimates) < 5000 and pipeline.asr.stats().done >= 1
