@@ -28,13 +28,13 @@ setup: $(VENV)/.installed
 setup-test: system-packages $(VENV)/.installed-test
 
 # PortAudio headers for PyAudio, PulseAudio with a virtual microphone for the microphone test, espeak-ng for
-# real speech in the speech-recognition tests.
+# real speech in the speech-recognition tests, ffmpeg for a network camera on loopback (lost and back).
 system-packages:
 	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	  if ! dpkg -s pulseaudio portaudio19-dev libasound2-plugins pulseaudio-utils espeak-ng >/dev/null 2>&1; then \
+	  if ! dpkg -s pulseaudio portaudio19-dev libasound2-plugins pulseaudio-utils espeak-ng ffmpeg >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins espeak-ng >/dev/null; fi; \
-	else echo "not root or no apt-get: install pulseaudio, pulseaudio-utils, portaudio19-dev, espeak-ng yourself"; fi
+	      pulseaudio pulseaudio-utils portaudio19-dev libasound2-plugins espeak-ng ffmpeg >/dev/null; fi; \
+	else echo "not root or no apt-get: install pulseaudio, pulseaudio-utils, portaudio19-dev, espeak-ng, ffmpeg yourself"; fi
 
 demo: setup
 	$(VENV)/bin/edge-emollama demo

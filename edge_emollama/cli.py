@@ -53,6 +53,21 @@ def _endpoints(p, publish: bool = True, control: bool = True) -> None:
                  help="control endpoint (default: runtime.control.endpoint)")
 
 
+def _serve_securely(p) -> None:
+    """The bind policy of a command that serves sockets (docs/security.md)."""
+    _setting(p, "--curve", key="runtime.security.curve", metavar="DIR",
+             help="encrypt with CURVE and accept only the client keys in DIR/clients/ (from: edge-emollama keys DIR)")
+    _setting(p, "--insecure", key="runtime.security.insecure", action="store_const", const=True,
+             help="allow binding beyond loopback without CURVE (unencrypted: trusted networks only)")
+
+
+def _connect_securely(p) -> None:
+    """The keys a client connects with."""
+    _setting(p, "--curve", key="runtime.security.curve", metavar="DIR",
+             help="connect with CURVE: DIR holds server.key and clients/NAME.key_secret")
+    p.add_argument("--client", metavar="NAME", help="with --curve: the client key pair DIR/clients/NAME.key_secret")
+
+
 def _export_parser(sub, common) -> None:
     p = sub.add_parser("export", parents=[common], help="checkpoints -> ONNX / TensorRT / GGUF artifacts + manifest")
     _setting(p, "--preset", key="model.preset", help="tiny | mid | emotion-llama (default: model.preset)")
@@ -95,6 +110,7 @@ def _run_parser(sub, common) -> None:
     p.add_argument("--link", action="append", type=_links, default=[], metavar="NAME=ENDPOINT",
                    help="stage link endpoint (windows, rows, scores), e.g. rows=tcp://127.0.0.1:6001; the producing "
                         "side binds, the consuming side connects (repeatable)")
+    _serve_securely(p)
     p.add_argument("--max-windows", type=int, help="stop after this many windows")
     p.add_argument("--quiet", action="store_true", help="do not print estimates")
 
@@ -107,6 +123,7 @@ def _listen_parser(sub, common) -> None:
     p.add_argument("-t", "--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--status", action="store_true", help="also print the ~1 Hz status messages")
     p.add_argument("--topic", action="append", help="subscribe to this topic prefix (repeatable; default all of v1)")
+    _connect_securely(p)
 
 
 def _explain_parser(sub, common) -> None:
@@ -115,6 +132,7 @@ def _explain_parser(sub, common) -> None:
     _endpoints(p)
     p.add_argument("--subtitle", help="transcript line to reason with")
     p.add_argument("-t", "--timeout", type=float, default=30.0, help="seconds for the whole request (default 30)")
+    _connect_securely(p)
 
 
 def _eval_parser(sub, common) -> None:
@@ -136,6 +154,15 @@ def _demo_parser(sub, common) -> None:
     p.add_argument("--artifacts", default="artifacts/tiny", help="where the tiny export lives (made if missing)")
     p.add_argument("--clip", default="artifacts/sample-clip.mp4", help="sample clip (generated if missing)")
     _endpoints(p)
+    _serve_securely(p)
+
+
+def _keys_parser(sub, common) -> None:
+    p = sub.add_parser("keys", parents=[common], help="CURVE keys: the runtime's pair and one per client "
+                                                       "(docs/security.md)")
+    p.add_argument("folder", metavar="DIR", help="where to write server.key(_secret) and clients/NAME.key(_secret)")
+    p.add_argument("--client", action="append", default=[], metavar="NAME",
+                   help="a client key pair to allow-list (repeatable); existing secrets are never overwritten")
 
 
 def _bench_parser(sub, common) -> None:
@@ -153,7 +180,7 @@ def _bench_parser(sub, common) -> None:
 
 
 PARSERS = {"export": _export_parser, "run": _run_parser, "listen": _listen_parser, "explain": _explain_parser,
-           "eval": _eval_parser, "demo": _demo_parser, "bench": _bench_parser}
+           "eval": _eval_parser, "demo": _demo_parser, "bench": _bench_parser, "keys": _keys_parser}
 
 
 def _global_options(parser, suppress: bool) -> None:

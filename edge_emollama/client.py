@@ -5,6 +5,9 @@ and ask for the ``[reason]`` text of the latest window (``explain``). ``edge-emo
 ``listen`` prints one line per estimate (and per event; status lines with ``show_status``), reports schema
 violations, ``seq`` gaps (messages lost, e.g. at the publisher's high-water mark) and publisher restarts (a new
 ``stream_id``) on stderr.
+
+``keys`` (a :class:`~edge_emollama.security.ClientKeys`, from ``load_client_keys(DIR, NAME)``): connect with
+CURVE to a runtime started with ``--curve``; None: plain ZMTP (a CURVE runtime then sends nothing).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from .config import HeartbeatConfig
 from .errors import InputError
 from .lazy import require
 from .protocol import ALL_V1, TOPICS, decode_message, dumps, message_errors, set_heartbeats
+from .security import ClientKeys, connect_curve
 
 __all__ = ["ListenResult", "listen", "format_message", "request", "explain"]
 
@@ -97,12 +101,11 @@ class _Sequence:
 
 def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, timeout: float | None = None, *,
            topics: tuple = (ALL_V1,), show_status: bool = False, out: TextIO | None = None,
-           err: TextIO | None = None, context=None) -> ListenResult:
+           err: TextIO | None = None, context=None, keys: ClientKeys | None = None) -> ListenResult:
     """Subscribe to ``endpoint``; stop after ``count`` estimates or ``timeout`` seconds (None: no limit)."""
     zmq = require("zmq")
     out, err = out or sys.stdout, err or sys.stderr
-    sock = (context or zmq.Context.instance()).socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = _socket(zmq.SUB, context, keys)
     set_heartbeats(sock, HeartbeatConfig())
     for topic in topics:
         sock.setsockopt_string(zmq.SUBSCRIBE, topic)
@@ -122,6 +125,16 @@ def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, tim
     finally:
         sock.close(0)
     return result
+
+
+def _socket(kind: int, context=None, keys: ClientKeys | None = None):
+    """A client socket with LINGER 0, a CURVE client when ``keys`` are given (before connect)."""
+    zmq = require("zmq")
+    sock = (context or zmq.Context.instance()).socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        connect_curve(sock, keys)
+    return sock
 
 
 def _one(frames: list[bytes], result: ListenResult, seqs: _Sequence, show_status: bool, out, err) -> None:
@@ -144,38 +157,38 @@ def _one(frames: list[bytes], result: ListenResult, seqs: _Sequence, show_status
         print(format_message(topic, header, payload), file=out, flush=True)
 
 
-def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, context=None) -> dict:
+def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, context=None,
+            keys: ClientKeys | None = None) -> dict:
     """Send one request with a fresh REQ socket and return the reply (InputError on timeout)."""
     zmq = require("zmq")
-    sock = (context or zmq.Context.instance()).socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = _socket(zmq.REQ, context, keys)
     try:
         sock.connect(endpoint)
         sock.send(payload if isinstance(payload, bytes) else dumps(payload))
         if not sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN):
             raise InputError(f"no reply from the control socket {endpoint} within {timeout_s:g} s: is the runtime "
-                             "running, and is this its --control endpoint?")
+                             "running, is this its --control endpoint, and do --curve/--client match how it runs "
+                             "(a CURVE runtime answers only allow-listed keys)?")
         return json.loads(sock.recv())
     finally:
         sock.close(0)
 
 
 def explain(control: str, publish: str, subtitle: str | None = None, timeout_s: float = 30.0,
-            settle_s: float = 0.3) -> str:
+            settle_s: float = 0.3, keys: ClientKeys | None = None) -> str:
     """The ``[reason]`` text of the latest window, all within ``timeout_s``.
 
     Subscribes to the reason topic first (PUB/SUB drops what is sent before a subscription takes), asks the
     control socket, then waits for the text with the request's id."""
     zmq = require("zmq")
     deadline = time.monotonic() + timeout_s
-    sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt(zmq.LINGER, 0)
+    sub = _socket(zmq.SUB, None, keys)
     sub.setsockopt_string(zmq.SUBSCRIBE, TOPICS["reason"])
     sub.connect(publish)
     try:
         time.sleep(min(settle_s, timeout_s / 4))
         ask = {"verb": "explain", **({"subtitle": subtitle} if subtitle else {})}
-        reply = request(control, ask, timeout_s=max(0.001, deadline - time.monotonic()))
+        reply = request(control, ask, timeout_s=max(0.001, deadline - time.monotonic()), keys=keys)
         result = reply.get("result") or {}
         if not reply.get("ok") or not result.get("request_id"):
             raise InputError(f"explain refused: {(reply.get('error') or {}).get('message') or result.get('message')}")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from .client import explain, listen
 from .config import Config, RuntimeConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .manifest import MANIFEST, Artifacts, load_artifacts
 from .protocol import ALL_V1
+from .security import ClientKeys, load_client_keys, write_keys
 from .runtime.pipeline import Pipeline
 
 log = logging.getLogger("edge_emollama")
@@ -63,7 +64,8 @@ def run_pipeline(runtime: RuntimeConfig, artifacts: Artifacts, *, quiet: bool = 
         print(f"\nstopping (signal {signum}); a second signal exits at once", file=sys.stderr, flush=True)
         pipeline.stop_event.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGHUP (a closed terminal, a supervisor's reload) stops cleanly too, with the final status
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         pipeline.start()
         log.info("publishing on %s, control on %s%s", pipeline.publisher.endpoint if pipeline.publisher else "-",
@@ -102,17 +104,47 @@ def cmd_run(args, cfg: Config) -> int:
     return run_pipeline(runtime, artifacts, quiet=args.quiet, max_windows=args.max_windows)
 
 
+def client_keys(args, cfg: Config) -> ClientKeys | None:
+    """The CURVE keys of --curve DIR --client NAME (both or neither), or None."""
+    folder, name = cfg.runtime.security.curve, args.client
+    if folder is None and name is None:
+        return None
+    if folder is None or name is None:
+        raise ConfigError("--curve DIR and --client NAME go together: DIR holds server.key and "
+                          "clients/NAME.key_secret (from: edge-emollama keys DIR --client NAME)")
+    return load_client_keys(folder, name)
+
+
 def cmd_listen(args, cfg: Config) -> int:
     """Exit status: 0 fine, 1 some message did not validate, 2 nothing arrived before the timeout."""
+    keys = client_keys(args, cfg)
     result = listen(cfg.runtime.publish.endpoint, args.count, args.timeout, topics=tuple(args.topic or (ALL_V1,)),
-                    show_status=args.status)
+                    show_status=args.status, keys=keys)
     if result.invalid:
         return 1
-    return 2 if result.messages == 0 else 0
+    if result.messages == 0:
+        print(f"nothing arrived from {cfg.runtime.publish.endpoint}: is the runtime running there"
+              + (", and is this client's key in its DIR/clients/?" if keys else
+                 " (a runtime started with --curve sends only to --curve DIR --client NAME)?"), file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_explain(args, cfg: Config) -> int:
-    print(explain(cfg.runtime.control.endpoint, cfg.runtime.publish.endpoint, args.subtitle, args.timeout))
+    print(explain(cfg.runtime.control.endpoint, cfg.runtime.publish.endpoint, args.subtitle, args.timeout,
+                  keys=client_keys(args, cfg)))
+    return 0
+
+
+def cmd_keys(args, cfg: Config) -> int:
+    folder = Path(args.folder)
+    kept = (folder / "server.key_secret").exists()
+    for path in write_keys(folder, args.client):
+        print(f"wrote {path}")
+    if kept:
+        print(f"kept the existing server key pair in {folder}")
+    print(f"run the robot with: edge-emollama run --curve {folder} ...; give each client {folder}/server.key and "
+          f"its clients/NAME.key_secret (then: edge-emollama listen --curve DIR --client NAME)")
     return 0
 
 
@@ -166,4 +198,4 @@ def cmd_bench(args, cfg: Config) -> int:
 
 
 COMMANDS = {"export": cmd_export, "run": cmd_run, "listen": cmd_listen, "explain": cmd_explain,
-            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "keys": cmd_keys}

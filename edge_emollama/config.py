@@ -158,6 +158,9 @@ class CameraConfig:
     fps: float | None = None
     ring_seconds: float = 6.0       # frames kept: the longest context (4 s) + 4 hops
     max_failed_reads: int = 30      # consecutive failed reads before the camera counts as lost
+    lost_after_s: float = 2.0       # ... or failed reads for this long; then it is reopened:
+    reconnect_s: float = 0.5        # first wait before reopening, doubled after each failed attempt
+    reconnect_max_s: float = 5.0    # ... up to this (a long outage: back within this of the camera's return)
 
 
 @dataclass
@@ -166,6 +169,9 @@ class MicrophoneConfig:
     ring_seconds: float = 30.0
     latency_s: float | None = 0.0   # capture latency subtracted from the stamps (null: PortAudio's estimate,
                                     # which over-states it by tens of ms through PulseAudio)
+    stall_s: float = 2.0            # no callback for this long: the microphone is lost, then reopened:
+    reconnect_s: float = 0.5        # first wait before reopening, doubled after each failed attempt
+    reconnect_max_s: float = 5.0    # ... up to this
 
 
 @dataclass

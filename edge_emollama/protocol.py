@@ -9,7 +9,8 @@ socket and the client (edge_emollama/client.py) all use it.
   window in monotonic ns, ``publish_ns`` and the run's UTC clock anchor (:func:`header`).
 - ``edge_emollama/schema/estimate.schema.json`` (JSON Schema 2020-12) describes every message and the control
   replies; :func:`message_errors` validates one.
-- Sockets bind loopback by default (:func:`bind_socket` warns otherwise) and set ZMTP heartbeats.
+- Sockets bind loopback by default and set ZMTP heartbeats; beyond loopback only with CURVE (the keys and the
+  allow-list: edge_emollama/security.py) or ``insecure`` (:func:`bind_socket`, :func:`check_loopback`).
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+from .config import SecurityConfig
 from .errors import ConfigError, InputError
 from .lazy import require
+from .security import ALLOW_CLIENTS, Security, security_of, serve_curve
 
 __all__ = ["TOPICS", "ALL_V1", "SCHEMA_VERSION", "SCHEMA_PATH", "dumps", "header", "encode_message",
            "decode_message", "load_schema", "schema_errors", "message_errors", "set_heartbeats", "bind_socket",
-           "check_loopback"]
+           "check_loopback", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +122,24 @@ def set_heartbeats(socket, heartbeat) -> None:
     socket.setsockopt(zmq.HEARTBEAT_TTL, int(heartbeat.ttl_ms))
 
 
-def bind_socket(context, kind: int, endpoint: str, options: dict, heartbeat, what: str, hint: str):
+def bind_socket(context, kind: int, endpoint: str, options: dict, heartbeat, what: str, hint: str, *,
+                security: "Security | SecurityConfig | None" = None, allow: str = ALLOW_CLIENTS):
     """A bound socket with LINGER 0, ``options`` and ZMTP heartbeats; (socket, actual endpoint).
 
+    ``security`` (``runtime.security`` or a loaded :class:`~edge_emollama.security.Security`; None: no CURVE,
+    loopback only): with CURVE keys the socket is a CURVE server accepting only the ``allow`` list's keys;
+    without, a bind beyond loopback is a ConfigError unless ``insecure`` (:func:`check_loopback`).
     ConfigError naming ``what`` and ``hint`` when the endpoint cannot be bound."""
     zmq = require("zmq")
-    check_loopback(endpoint)
+    policy = security_of(security)
+    check_loopback(endpoint, policy, what)
     sock = context.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     for option, value in options.items():
         sock.setsockopt(option, value)
     set_heartbeats(sock, heartbeat)
+    if policy.keys is not None:
+        serve_curve(sock, context, policy.keys, allow)
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -138,15 +148,29 @@ def bind_socket(context, kind: int, endpoint: str, options: dict, heartbeat, wha
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
-def check_loopback(endpoint: str) -> None:
-    """Warn when a TCP endpoint binds beyond loopback (the protocol has no encryption enabled)."""
+def is_loopback(endpoint: str) -> bool:
+    """Whether ``endpoint`` stays on this host: inproc, ipc, or TCP on a loopback address."""
     if not endpoint.startswith("tcp://"):
-        return
+        return True
     host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback:
-        log.warning("binding %s: reachable from other hosts, unencrypted; bind tcp://127.0.0.1:PORT unless "
-                    "the network is trusted", endpoint)
+        return False   # an interface name or a host name: reachable from elsewhere
+
+
+def check_loopback(endpoint: str, security: "Security | SecurityConfig | None" = None,
+                   what: str = "a socket") -> None:
+    """The bind policy: beyond loopback only with CURVE, or with ``insecure`` (then a warning).
+
+    ConfigError naming the endpoint and both fixes otherwise; ``security`` None means no CURVE, not insecure."""
+    policy = security_of(security)
+    if is_loopback(endpoint) or policy.keys is not None:
+        return
+    if not policy.insecure:
+        raise ConfigError(f"refusing to bind {what} to {endpoint} without encryption: it is reachable from other "
+                          "hosts. Use --curve DIR (keys from: edge-emollama keys DIR --client NAME; "
+                          "runtime.security.curve) to encrypt and allow-list clients, or --insecure "
+                          "(runtime.security.insecure) on a trusted network, or bind tcp://127.0.0.1:PORT")
+    log.warning("binding %s to %s: reachable from other hosts, unencrypted and unauthenticated (--insecure); "
+                "use --curve DIR unless the network is trusted", what, endpoint)

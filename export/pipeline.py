@@ -2,7 +2,8 @@
 
 Everything is written into a hidden staging folder beside the output; the manifest is written last,
 and only then is the staging folder renamed to the output. An interrupted or failed export leaves no
-folder that looks finished (the runtime refuses folders without a manifest).
+folder that looks finished (the runtime refuses folders without a manifest). A killed export cannot clean
+up: the next export of the same name removes the staging folders such exports left (:func:`clean_stale_staging`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def export(cfg: Config, validate: bool = False, random_weights: bool = False) ->
     out = Path(cfg.export.out)
     staging = _make_staging(out)
     try:
+        clean_stale_staging(out, keep=staging)
         ctx = _context(cfg, spec, staging, random_weights)
         ctx.skipped.update(skipped)
         for name, reason in skipped.items():
@@ -88,12 +90,85 @@ def build_manifest(ctx: ExportContext) -> Manifest:
 
 
 def _make_staging(out: Path) -> Path:
+    """``.NAME.partial-PID-RANDOM`` beside ``out``: the PID says which process writes it."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}-", dir=out.parent))
     except OSError as exc:
         raise OutputError(f"cannot write to {out.parent} ({exc.strerror}): choose another --out or fix "
                           "its permissions") from exc
+
+
+STALE_STAGING_S = 60.0   # a staging folder without a recorded writer, untouched this long, is abandoned
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def clean_stale_staging(out: Path, keep: Path | None = None, max_age_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove the staging folders of ``out`` that killed exports left beside it; returns those removed.
+
+    A folder is abandoned when the process its name records (``.NAME.partial-PID-...``) no longer runs on this
+    host, or, for a folder without a PID (older exports), when nothing in it changed for ``max_age_s``. The
+    folder of a running export (its PID alive) is kept however old, so a concurrent export of the same name
+    keeps its folder. A PID reused by another process keeps a dead export's folder until that process ends."""
+    removed = []
+    for folder in sorted(out.parent.glob(f"{_staging_prefix(out)}*")):
+        if folder == keep or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            why = _abandoned(folder, out, max_age_s)
+        except OSError:   # gone meanwhile (published or removed by its writer)
+            continue
+        if why is None:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            log.warning("could not remove %s, the staging folder of a killed export (%s); delete it by hand",
+                        folder, why)
+        else:
+            log.info("removed %s, the staging folder of a killed export (%s)", folder, why)
+            removed.append(folder)
+    return removed
+
+
+def _abandoned(folder: Path, out: Path, max_age_s: float) -> str | None:
+    """Why ``folder`` is abandoned, or None while its writer may still be at work."""
+    pid = _writer_pid(folder, out)
+    if pid is not None:
+        return None if _process_runs(pid) else f"its writer, process {pid}, is gone"
+    idle = time.time() - _newest_change(folder)
+    return f"no writer recorded and untouched for {idle:.0f} s" if idle > max_age_s else None
+
+
+def _writer_pid(folder: Path, out: Path) -> int | None:
+    pid, sep, _ = folder.name[len(_staging_prefix(out)):].partition("-")
+    return int(pid) if sep and pid.isdigit() and int(pid) > 0 else None
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:    # it runs, as another user
+        return True
+    except OverflowError:      # not a PID this system can have
+        return False
+    return True
+
+
+def _newest_change(folder: Path) -> float:
+    """The latest modification time of ``folder`` or anything in it."""
+    newest = folder.lstat().st_mtime
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except OSError:   # removed meanwhile
+                continue
+    return newest
 
 
 BYTES_PER_PARAM = {"onnx": 4.0, "onnx-fp16": 2.0, "tensorrt": 2.0, "gguf": 2.0,   # the LLM for gguf

@@ -85,14 +85,20 @@ class Pipeline:
         return self
 
     def _link_out(self, name: str) -> Producer:
-        producer = Producer(LinkOptions(self.links[name]))
+        producer = Producer(LinkOptions(self.links[name], name=name), security=self.config.security,
+                            on_peers=self._on_link_peers())
         self._closers.append(producer.close)
         return producer
 
     def _link_in(self, name: str) -> Consumer:
-        consumer = Consumer(LinkOptions(self.links[name]), keep_newest=not self._lossless)
+        consumer = Consumer(LinkOptions(self.links[name], name=name), keep_newest=not self._lossless,
+                            security=self.config.security, on_peers=self._on_link_peers())
         self._closers.append(consumer.close)
         return consumer
+
+    def _on_link_peers(self):
+        """A second peer on a stage link shows in the status when this process publishes."""
+        return self.publisher.tracker.record_link_peers if self.publisher is not None else None
 
     def _spawn(self, name, loop, inbox, outbox, worker) -> None:
         def run():
@@ -139,14 +145,15 @@ class Pipeline:
                                faces, history_s=history_s)
 
     def _start_publisher(self) -> None:
-        self.publisher = Publisher(self.config.publish, anchor=run_anchor()).start()
+        self.publisher = Publisher(self.config.publish, anchor=run_anchor(), security=self.config.security).start()
         self.control = ControlServer.for_publisher(self.publisher, self.config.control)
         self.control.start()
 
     def _start_reasoning(self, stage: LlmStage) -> None:
         if self.config.reasoning.enabled and self.publisher is not None:
             self.reasoner = ReasoningWorker(stage, self.publisher, max_tokens=self.config.reasoning.max_tokens,
-                                            threads=self.config.llm.threads)
+                                            threads=self.config.llm.threads,
+                                            per_client_per_minute=self.config.reasoning.per_client_per_minute)
             self.control.set_explain(self.reasoner.request)
 
     # -- stage loops ----------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ import threading
 import uuid
 from collections import deque
 
-from ..config import PublishConfig
+from ..config import PublishConfig, SecurityConfig
 from ..errors import ConfigError, InputError
 from ..lazy import require
 from ..protocol import TOPICS, bind_socket, dumps, encode_message, header
+from ..security import Security, security_of
 from .clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
 from .fusion import FusedEstimate, FusionEvent
 
@@ -30,6 +31,7 @@ __all__ = ["Publisher", "StatusTracker", "estimate_payload"]
 
 log = logging.getLogger(__name__)
 _STOP = object()
+FAULT_S = 60.0   # how long a component's failure keeps the status 'degraded' after it restarted
 
 
 def estimate_payload(fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
@@ -63,11 +65,14 @@ class StatusTracker:
         self._latencies: deque[float] = deque(maxlen=32)
         self._presence: dict | None = None
         self._last_seq: int | None = None
-        self._counters = dict(estimates=0, events=0, reasons=0, dropped_windows=0, send_dropped=0, errors=0)
+        self._counters = dict(estimates=0, events=0, reasons=0, dropped_windows=0, send_dropped=0, errors=0,
+                              extra_link_peers=0)
         self._last_error: dict | None = None
         self._fatal = False
-        self._faults: dict[str, str] = {}     # component -> why it stopped working (status: degraded)
+        self._faults: dict[str, tuple] = {}   # component -> (failures, last reason, when): status degraded
+        self._video_seen = False              # a window had video: its absence later means the camera is lost
         self._recent_drops: deque[int] = deque(maxlen=64)
+        self._link_peers: dict[str, int] = {}   # stage link -> peers connected now, while more than one
         self._stopped = False
 
     def record_sent(self, kind: str, seq: int, payload: dict, publish_ns: int) -> None:
@@ -78,6 +83,7 @@ class StatusTracker:
                 self._latencies.append(float(payload["latency_ms"]))
                 p = payload["presence"]
                 self._presence = {m: bool(p[m]["present"]) for m in ("video", "face", "audio")}
+                self._video_seen = self._video_seen or self._presence["video"]
                 self._last_seq = seq
             elif kind in ("event", "reason"):
                 self._counters[kind + "s"] += 1
@@ -100,11 +106,23 @@ class StatusTracker:
             self._fatal = self._fatal or fatal
 
     def record_fault(self, component: str, error: BaseException) -> None:
-        """A component that stopped for good without stopping the run (e.g. the control socket's thread):
-        counted as an error, and the status stays 'degraded' naming it."""
+        """A component whose thread failed without stopping the run (the control socket's loop, which restarts
+        itself): counted as an error; the status is 'degraded' naming it, with how often, for FAULT_S after
+        the last failure."""
         self.record_error(component, error)
         with self._lock:
-            self._faults[component] = f"{type(error).__name__}: {error}"
+            count = self._faults.get(component, (0, "", 0))[0] + 1
+            self._faults[component] = (count, f"{type(error).__name__}: {error}", now_ns())
+
+    def record_link_peers(self, link: str, peers: int, new_peers: int) -> None:
+        """A point-to-point stage link's peer count (runtime/link.py's monitor): ``new_peers`` peers beyond the
+        first one that just connected (counted); the status stays 'degraded' while more than one is connected."""
+        with self._lock:
+            self._counters["extra_link_peers"] += new_peers
+            if peers > 1:
+                self._link_peers[link] = peers
+            else:
+                self._link_peers.pop(link, None)
 
     def mark_stopped(self) -> None:
         with self._lock:
@@ -138,7 +156,7 @@ class StatusTracker:
         if self._fatal:
             return "error", [f"{self._last_error['stage']}: {self._last_error['message']}"]
         if not self._times:
-            if self._faults:
+            if self._degraded(now):
                 return "degraded", self._degraded(now)
             if now - self._started < self.stall_ns:
                 return "starting", []
@@ -146,7 +164,9 @@ class StatusTracker:
         reasons = self._degraded(now)
         if reasons:
             return "degraded", reasons
-        face, audio = self._presence["face"], self._presence["audio"]
+        video, face, audio = self._presence["video"], self._presence["face"], self._presence["audio"]
+        if not video and self._video_seen:
+            return "no_video", ["no video frames in the last window: the camera is lost (reopening)"]
         if not face and not audio:
             return "no_input", ["no face and no audio in the last window"]
         if not face:
@@ -156,7 +176,10 @@ class StatusTracker:
         return "running", []
 
     def _degraded(self, now: int) -> list[str]:
-        reasons = [f"{component} stopped: {why}" for component, why in self._faults.items()]
+        reasons = [f"{component} stopped {count}x, restarted (last: {why})"
+                   for component, (count, why, at) in self._faults.items() if now - at <= FAULT_S * NS_PER_S]
+        reasons += [f"stage link {link}: {peers} peers connected to a point-to-point link (items are split between "
+                    "them)" for link, peers in self._link_peers.items()]
         age = now - (self._times[-1] if self._times else self._started)
         if self._times and age > self.stall_ns:
             reasons.append(f"no estimate for {round(age / NS_PER_S, 1)} s")
@@ -170,11 +193,16 @@ class StatusTracker:
 
 
 class Publisher:
-    """A PUB socket with its sender thread. ``start()`` binds; ``publish()`` never blocks."""
+    """A PUB socket with its sender thread. ``start()`` binds; ``publish()`` never blocks.
+
+    ``security``: ``runtime.security`` (or a loaded Security): CURVE with the allow-listed client keys; None:
+    no CURVE, loopback only (edge_emollama/protocol.py's bind policy)."""
 
     def __init__(self, options: PublishConfig = PublishConfig(), *, context=None,
-                 stream_id: str | None = None, anchor: ClockAnchor | None = None):
+                 stream_id: str | None = None, anchor: ClockAnchor | None = None,
+                 security: Security | SecurityConfig | None = None):
         self.options = options.validate()
+        self.security = security_of(security)
         self._zmq = require("zmq")
         self._context = context or self._zmq.Context.instance()
         self.stream_id = stream_id or str(uuid.uuid4())
@@ -193,7 +221,8 @@ class Publisher:
         o = self.options
         self._socket, self.endpoint = bind_socket(
             self._context, self._zmq.PUB, o.endpoint, {self._zmq.SNDHWM: o.sndhwm}, o.heartbeat,
-            "the publisher", "another edge-emollama running? choose another endpoint with --publish")
+            "the publisher", "another edge-emollama running? choose another endpoint with --publish",
+            security=self.security)
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
         return self

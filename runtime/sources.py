@@ -18,6 +18,12 @@ A source whose thread fails stores the exception and stops; :meth:`Source.check`
 as the InputError it is; anything unexpected as itself, with its traceback, after logging which source
 failed), and :attr:`Source.finished` turns true. A source may be absent:
 a window stage takes ``frames=None`` or ``audio=None`` for audio-only or video-only operation.
+
+Faults (docs/sources.md): a ring says when its writer is done (``complete``) and, for a file's track, where
+the track starts on the timeline (``known_start_ns``, from the container), so that windows follow a file's
+own timeline. A file's unreadable packet is skipped and counted (``bad_packets``); a file cut short ends as
+end of input with a warning (``cut_short``). A camera or microphone that is lost is reopened with exponential
+backoff; meanwhile ``state`` is ``"lost"`` and windows go on without it (``losses``, ``reconnects`` count).
 """
 from __future__ import annotations
 
@@ -43,6 +49,16 @@ log = logging.getLogger(__name__)
 
 _WAIT_S = 0.05  # longest single wait of any loop here, so that stop() is honoured quickly
 
+# Reconnecting live sources. Wanted as config keys (runtime.camera.* / runtime.microphone.*): reconnect_s,
+# reconnect_max_s, lost_after_s; until then these constants hold for both.
+STREAM_OPEN_TIMEOUT_MS = 3000  # a network camera (URL): opening it gives up after this
+STREAM_READ_TIMEOUT_MS = 2000  # ... and a read that stalls after this (OpenCV's own default is 30 s)
+
+# Damaged files.
+MAX_DEMUX_ERRORS_IN_A_ROW = 20  # the demuxer failing this often without a good packet: the file cannot go on
+CUT_SHORT_TOLERANCE_S = 0.5     # a track ending this much before its header's end counts as cut short
+AUDIO_GAP_S = 0.02              # a decoded audio frame starting this much after the previous one: a gap
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -61,6 +77,8 @@ class _Ring:
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
         self.dropped = 0  # items dropped because the ring was full (live mode)
+        self.complete = False  # the writer is done: nothing more will come (end of a track, source stopped)
+        self.known_start_ns: int | None = None  # a file's track: where it starts on the timeline (None: live)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """``callback()`` runs (without the ring's lock) after every write and on close."""
@@ -70,6 +88,13 @@ class _Ring:
         """Wake and refuse blocked writers (the source is stopping)."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+        self._notify()
+
+    def mark_complete(self) -> None:
+        """The writer is done (end of its track or of the source): readers stop waiting for more."""
+        with self._cond:
+            self.complete = True
             self._cond.notify_all()
         self._notify()
 
@@ -270,6 +295,8 @@ class Source:
         self._error: BaseException | None = None
         self._reported = False
         self._started = False
+        self.losses = 0       # times a live device was lost
+        self.reconnects = 0   # times it came back
 
     # --- life cycle -------------------------------------------------------------------------------------
     def start(self) -> "Source":
@@ -306,6 +333,18 @@ class Source:
         """True once capture has ended: end of file, failure or stop()."""
         with self._lock:
             return self._started and self._running == 0
+
+    @property
+    def state(self) -> str:
+        """``capturing``, ``ended`` (end of input or stopped) or ``failed``; live sources add ``lost``."""
+        if self._error is not None:
+            return "failed"
+        return "ended" if self.finished else "capturing"
+
+    @property
+    def connected(self) -> bool:
+        """True while the source delivers (or can deliver) data."""
+        return self.state == "capturing"
 
     def check(self) -> None:
         """Re-raise the failure of a capture thread. Bad input stays the error it is; an OSError (a device or
@@ -356,9 +395,32 @@ class Source:
                 ring._notify()
 
 
+class _Backoff:
+    """Waits between attempts to reopen a lost device: ``first_s`` doubling up to ``max_s``."""
+
+    def __init__(self, first_s: float, max_s: float):
+        self.first_s, self.max_s = first_s, max_s
+        self.delay_s = first_s
+
+    def reset(self) -> None:
+        self.delay_s = self.first_s
+
+    def next_s(self) -> float:
+        """The wait before the next attempt (and double the one after)."""
+        delay, self.delay_s = self.delay_s, min(self.delay_s * 2, self.max_s)
+        return delay
+
+
 # ---------------------------------------------------------------------------------------------------------
 class CameraSource(Source):
-    """A camera (index or /dev/videoN) or a stream URL through OpenCV, read in its own thread."""
+    """A camera (index or /dev/videoN) or a stream URL through OpenCV, read in its own thread.
+
+    Opening it at ``start()`` must succeed (else InputError). Later, ``max_failed_reads`` failed reads in a
+    row, or failed reads for ``lost_after_s``, count as a loss: ``state`` turns ``"lost"``, the device
+    is released and reopened after 0.5, 1, 2, 4, 5, 5 ... s (a device node that reappears is tried at once)
+    until it delivers again or the source is stopped. A regular file given as the device is not reopened: its
+    end is the end of input.
+    """
     kind = "camera"
 
     def __init__(self, device: int | str = 0, options: CameraConfig = CameraConfig()):
@@ -369,23 +431,42 @@ class CameraSource(Source):
         self.options = options
         self.fps: float | None = None
         self._cap = None
+        self._lost = False
+        self._index = 0
+        self._backoff = _Backoff(options.reconnect_s, options.reconnect_max_s)
+
+    @property
+    def state(self) -> str:
+        base = super().state
+        return "lost" if base == "capturing" and self._lost else base
 
     def _open(self) -> None:
         cv2 = require("cv2")
-        cap = cv2.VideoCapture(self.device)
-        if not cap.isOpened():
-            cap.release()
+        cap = self._open_capture(cv2)
+        if cap is None:
             raise InputError(f"camera {self.device} could not be opened: {self._why_not()}. "
                              "Check the device and its cable, or use --video FILE")
-        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.options.width),
-                            (cv2.CAP_PROP_FRAME_HEIGHT, self.options.height), (cv2.CAP_PROP_FPS, self.options.fps)):
-            if value:
-                cap.set(prop, value)
         reported = cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(reported) if reported and 1 <= reported <= 240 else 30.0
         self._cap = cap
         self.frames = FrameRing(max(2, math.ceil(self.options.ring_seconds * self.fps) + 1))
         self._spawn("reader", self._read_loop)
+
+    def _open_capture(self, cv2):
+        """An opened ``cv2.VideoCapture`` with the requested size and rate, or None."""
+        if isinstance(self.device, str) and "://" in self.device:   # a network stream: bounded waits
+            cap = cv2.VideoCapture(self.device, cv2.CAP_FFMPEG, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_OPEN_TIMEOUT_MS,
+                                                                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_READ_TIMEOUT_MS])
+        else:
+            cap = cv2.VideoCapture(self.device)
+        if not cap.isOpened():
+            cap.release()
+            return None
+        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.options.width),
+                            (cv2.CAP_PROP_FRAME_HEIGHT, self.options.height), (cv2.CAP_PROP_FPS, self.options.fps)):
+            if value:
+                cap.set(prop, value)
+        return cap
 
     def _why_not(self) -> str:
         if isinstance(self.device, int):
@@ -395,21 +476,73 @@ class CameraSource(Source):
             return f"OpenCV cannot read {node} (is another program using it?)"
         return "OpenCV cannot open this path or URL"
 
+    def _node(self) -> str | None:
+        """The device node whose reappearance is worth an immediate attempt (None for URLs)."""
+        if isinstance(self.device, int):
+            return f"/dev/video{self.device}"
+        return self.device if self.device.startswith("/dev/") else None
+
+    def _is_regular_file(self) -> bool:
+        return isinstance(self.device, str) and "://" not in self.device and os.path.isfile(self.device)
+
     def _read_loop(self) -> None:
         cv2 = require("cv2")
-        failures, index = 0, 0
+        try:
+            while not self._stop.is_set():
+                if self._cap is None and not self._reopen(cv2):
+                    continue
+                self._read_until_lost(cv2)
+                if self._is_regular_file():
+                    log.warning("camera %s: the file ended; end of input", self.device)
+                    return
+        finally:
+            self._release()
+            self.frames.mark_complete()
+
+    def _read_until_lost(self, cv2) -> None:
+        """Read frames until the device fails (then mark it lost) or the source is stopped."""
+        failures, last_good = 0, now_ns()
+        lost_after_ns = int(self.options.lost_after_s * NS_PER_S)
         while not self._stop.is_set():
             ok = self._cap.grab()
             t = now_ns()
-            ok = ok and self._retrieve(cv2, t, index)
-            if ok:
-                failures, index = 0, index + 1
+            if ok and self._retrieve(cv2, t, self._index):
+                failures, last_good, self._index = 0, t, self._index + 1
                 continue
             failures += 1
-            if failures >= self.options.max_failed_reads:
-                raise InputError(f"camera {self.device} stopped delivering frames ({failures} failed reads in a "
-                                 "row): check the cable/driver, or use --video FILE")
+            if failures >= self.options.max_failed_reads or t - last_good >= lost_after_ns:
+                self._mark_lost(failures, (t - last_good) / NS_PER_S)
+                return
             self._stop.wait(0.01)
+
+    def _mark_lost(self, failures: int, silent_s: float) -> None:
+        self.losses += 1
+        self._lost = True
+        self._release()
+        if not self._is_regular_file():
+            log.warning("camera %s lost (%d failed reads, no frame for %.1f s): reopening it every %g-%g s; "
+                        "windows go on without video", self.device, failures, silent_s, self.options.reconnect_s,
+                        self.options.reconnect_max_s)
+
+    def _reopen(self, cv2) -> bool:
+        """Wait the backoff (cut short when the device node reappears), then try to open the device once."""
+        deadline = now_ns() + int(self._backoff.next_s() * NS_PER_S)
+        node = self._node()
+        absent = node is not None and not os.path.exists(node)
+        while now_ns() < deadline and not self._stop.is_set():
+            if absent and os.path.exists(node):
+                break
+            self._stop.wait(_WAIT_S)
+        if self._stop.is_set():
+            return False
+        cap = self._open_capture(cv2)
+        if cap is None:
+            return False
+        self._cap, self._lost = cap, False
+        self.reconnects += 1
+        self._backoff.reset()
+        log.warning("camera %s is back (reconnect %d)", self.device, self.reconnects)
+        return True
 
     def _retrieve(self, cv2, t: int, index: int) -> bool:
         ok, bgr = self._cap.retrieve()
@@ -418,12 +551,15 @@ class CameraSource(Source):
         self.frames.put(Frame(t, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), index))
         return True
 
-    def _close(self) -> None:
-        if any(t.is_alive() for t in self._threads):
-            return  # the reader is stuck inside the driver: releasing now could crash it; it is a daemon thread
+    def _release(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+
+    def _close(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            return  # the reader is stuck inside the driver: releasing now could crash it; it is a daemon thread
+        self._release()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,6 +567,9 @@ class MicrophoneSource(Source):
     """A microphone through PyAudio (PortAudio), mono int16 at ``sample_rate``, fed by PortAudio's callback.
 
     ``device``: None (the default input), an index, or a name (exact, else a case-insensitive substring).
+    Opening it at ``start()`` must succeed (else InputError). A watcher thread then checks the stream: one
+    that PortAudio stopped (a device error) or that delivers no callback for ``stall_s`` counts as lost;
+    it is closed and reopened (the device looked up again by name) with the camera's backoff.
     """
     kind = "microphone"
 
@@ -445,15 +584,28 @@ class MicrophoneSource(Source):
         self.overflows = 0
         self._pa = self._stream = None
         self._latency_ns = 0
+        self._last_callback_ns = 0
+        self._backoff = _Backoff(options.reconnect_s, options.reconnect_max_s)
+
+    @property
+    def state(self) -> str:
+        base = super().state
+        return "lost" if base == "capturing" and self._stream is None else base
 
     def _open(self) -> None:
-        pyaudio = self._pyaudio = require("pyaudio")
+        self._pyaudio = require("pyaudio")
+        self.audio = AudioRing(self.sample_rate, self.options.ring_seconds)
+        self._open_stream()
+        self._spawn("watcher", self._watch_loop)
+
+    def _open_stream(self) -> None:
+        """Open and start the stream (InputError when the device cannot be used)."""
+        pyaudio = self._pyaudio
         self._pa = pyaudio.PyAudio()
         try:
             info = self._resolve(pyaudio)
             self.device_name = info["name"]
-            self.audio = AudioRing(self.sample_rate, self.options.ring_seconds)
-            self._stream = self._pa.open(
+            stream = self._pa.open(
                 format=pyaudio.paInt16, channels=1, rate=self.sample_rate, input=True,
                 input_device_index=int(info["index"]), frames_per_buffer=self.options.frames_per_buffer,
                 stream_callback=self._callback, start=False)
@@ -466,11 +618,47 @@ class MicrophoneSource(Source):
             self._terminate()
             raise
         latency = self.options.latency_s
-        self._latency_ns = int((self._stream.get_input_latency() if latency is None else latency) * NS_PER_S)
-        self._clock = _SampleClock(self.sample_rate)
-        with self._lock:
-            self._running = 1  # the PortAudio callback counts as this source's thread
-        self._stream.start_stream()
+        self._latency_ns = int((stream.get_input_latency() if latency is None else latency) * NS_PER_S)
+        self._clock = _SampleClock(self.sample_rate)   # a new stream counts its samples from 0
+        self._last_callback_ns = now_ns()
+        self._stream = stream
+        stream.start_stream()
+
+    def _watch_loop(self) -> None:
+        """Until stopped: notice a broken stream, and reopen a lost one after the backoff."""
+        retry_at = 0
+        while not self._stop.wait(2 * _WAIT_S) and self._error is None:
+            if self._stream is not None:
+                if self._broken():
+                    self._mark_lost()
+                    retry_at = now_ns() + int(self._backoff.next_s() * NS_PER_S)
+            elif now_ns() >= retry_at:
+                retry_at = now_ns() + int(self._backoff.next_s() * NS_PER_S)
+                self._try_reopen()
+
+    def _broken(self) -> bool:
+        try:
+            active = self._stream.is_active()
+        except OSError:
+            active = False
+        return not active or now_ns() - self._last_callback_ns > self.options.stall_s * NS_PER_S
+
+    def _mark_lost(self) -> None:
+        self.losses += 1
+        log.warning("microphone %s lost (stream stopped or silent for %g s): reopening it every %g-%g s; "
+                    "windows go on without audio", self.name, self.options.stall_s, self.options.reconnect_s,
+                    self.options.reconnect_max_s)
+        self._close_stream()
+
+    def _try_reopen(self) -> None:
+        try:
+            self._open_stream()
+        except InputError as exc:
+            log.info("microphone %s not back yet: %s", self.name, exc)
+            return
+        self.reconnects += 1
+        self._backoff.reset()
+        log.warning("microphone %s is back (reconnect %d)", self.name, self.reconnects)
 
     def _inputs(self) -> list[dict]:
         infos = (self._pa.get_device_info_by_index(i) for i in range(self._pa.get_device_count()))
@@ -501,31 +689,33 @@ class MicrophoneSource(Source):
         pyaudio = self._pyaudio
         try:
             t_end = now_ns() - self._latency_ns
+            self._last_callback_ns = now_ns()
             samples = np.frombuffer(in_data, dtype=np.int16)
             if status & pyaudio.paInputOverflow:
                 self.overflows += 1
             self.audio.write(samples, self._clock.place(samples.size, t_end))
-        except BaseException as exc:  # recorded; returning paComplete stops the stream
+        except BaseException as exc:  # recorded (the watcher ends, check() raises it); the stream stops
             self._fail(exc)
-            self._end_callback_thread()
+            self._wake()
             return None, pyaudio.paComplete
         if self._stop.is_set():
-            self._end_callback_thread()
             return None, pyaudio.paComplete
         return None, pyaudio.paContinue
 
-    def _end_callback_thread(self) -> None:
-        with self._lock:
-            self._running = 0
-        self._wake()
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.stop_stream()
+                stream.close()
+            except OSError as exc:   # the device is already gone
+                log.info("microphone %s: closing the stream: %s", self.name, exc)
+        self._terminate()
 
     def _close(self) -> None:
-        if self._stream is not None:
-            self._stream.stop_stream()
-            self._stream.close()
-            self._stream = None
-        self._end_callback_thread()
-        self._terminate()
+        self._close_stream()
+        if self.audio is not None:
+            self.audio.mark_complete()
 
     def _terminate(self) -> None:
         if self._pa is not None:
@@ -543,6 +733,12 @@ class VideoFileSource(Source):
     ``realtime=False`` decoding runs as fast as possible, the capture times stay those of the timeline, and
     the rings block instead of dropping so that no window is lost. Video and audio decode in two threads
     (one demuxer each), so one track never waits on the other.
+
+    Each ring's ``known_start_ns`` is its track's start from the container (a track may start seconds after
+    the other), and ``complete`` turns true when its track ends. A packet that cannot be demuxed or decoded is
+    skipped and counted in ``bad_packets`` (per track); the demuxer failing ``MAX_DEMUX_ERRORS_IN_A_ROW``
+    times in a row ends the track there (a warning). A track that ends well before its header's end sets
+    ``cut_short`` and warns: the file ends there. A track of which nothing at all decodes is an InputError.
     """
     kind = "file"
 
@@ -555,6 +751,9 @@ class VideoFileSource(Source):
         self.origin_ns: int | None = None
         self.fps: float | None = None
         self.duration_s: float | None = None
+        self.track_spans_s: dict[str, tuple[float, float | None]] = {}   # track -> (start, end) in file seconds
+        self.bad_packets = {"video": 0, "audio": 0}
+        self.cut_short = False
         self._file_start = 0.0
 
     def _open(self) -> None:
@@ -565,7 +764,8 @@ class VideoFileSource(Source):
             with av.open(str(self.path)) as container:
                 has_video, has_audio = self._probe(container)
         except av.FFmpegError as exc:
-            raise InputError(f"cannot decode {self.path}: {exc}; convert it (e.g. to MP4 with H.264 + AAC)") from exc
+            raise InputError(f"cannot decode {self.path}: {exc}; the file is damaged or incomplete (cut short?) "
+                             "or in a format FFmpeg does not read: convert it (e.g. to MP4 with H.264 + AAC)") from exc
         if not (has_video or has_audio):
             raise InputError(f"{self.path} has no usable track (video={self.options.video}, "
                              f"audio={self.options.audio} requested): pass a file with video and/or audio")
@@ -576,40 +776,106 @@ class VideoFileSource(Source):
         if has_audio:
             self.audio = AudioRing(self.sample_rate, self.options.audio_ring_seconds, block_when_full=block)
         self.origin_ns = now_ns()
-        if has_video:
-            self._spawn("video", self._video_loop)
-        if has_audio:
-            self._spawn("audio", self._audio_loop)
+        for track, ring, loop in (("video", self.frames, self._video_loop), ("audio", self.audio, self._audio_loop)):
+            if ring is not None:
+                ring.known_start_ns = self._timeline(self.track_spans_s[track][0])
+                self._spawn(track, self._track_body(track, ring, loop))
 
     def _probe(self, container) -> tuple[bool, bool]:
         self._file_start = container.start_time / 1e6 if container.start_time is not None else 0.0
         self.duration_s = container.duration / 1e6 if container.duration is not None else None
+        file_end = self._file_start + self.duration_s if self.duration_s is not None else None
         video = self.options.video and bool(container.streams.video)
         audio = self.options.audio and bool(container.streams.audio)
         if video:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or 30
             self.fps = float(rate)
+            self.track_spans_s["video"] = _stream_span(stream, self._file_start, file_end)
+        if audio:
+            self.track_spans_s["audio"] = _stream_span(container.streams.audio[0], self._file_start, file_end)
         return video, audio
 
     def _timeline(self, seconds: float) -> int:
         return self.origin_ns + int(round((seconds - self._file_start) * NS_PER_S))
 
-    def _video_loop(self) -> None:
+    def _track_body(self, track: str, ring: _Ring, loop: Callable[[], float | None]) -> Callable[[], None]:
+        """The thread of one track: decode it, check where it ended, then mark its ring complete."""
+        def body() -> None:
+            try:
+                last_s = loop()
+                if last_s is None and self.bad_packets[track] and not self._stop.is_set():
+                    raise self._nothing_decoded(track)
+                if last_s is not None and not self._stop.is_set():
+                    self._check_end(track, last_s)
+            finally:
+                ring.mark_complete()
+        return body
+
+    def _nothing_decoded(self, track: str) -> InputError:
+        other = "audio" if track == "video" else "video"
+        return InputError(f"no {track} of {self.path} could be decoded ({self.bad_packets[track]} unreadable "
+                          f"packets): the file is damaged; re-record or convert it, or pass --no-{track} to use "
+                          f"its {other} only")
+
+    def _check_end(self, track: str, last_s: float) -> None:
+        end_s = self.track_spans_s[track][1]
+        if end_s is not None and last_s < end_s - CUT_SHORT_TOLERANCE_S:
+            self.cut_short = True
+            log.warning("%s: the %s track ends at %.2f s although the file's header says %.2f s (the file was cut "
+                        "short?): treated as the end of input", self.path, track, last_s - self._file_start,
+                        end_s - self._file_start)
+
+    def _packets_decoded(self, container, stream, track: str):
+        """The decoded frames of ``stream``; an unreadable packet is skipped and counted."""
         av = require("av")
+        errors_in_row = 0
+        while not self._stop.is_set():
+            try:
+                for packet in container.demux(stream):
+                    errors_in_row = 0
+                    yield from self._decode(av, packet, track)
+                return
+            except av.FFmpegError as exc:   # the demuxer: try to go on from where it is
+                errors_in_row += 1
+                self._count_bad(track, exc)
+                if errors_in_row >= MAX_DEMUX_ERRORS_IN_A_ROW:
+                    log.warning("%s: the %s track cannot be read past this point (%d errors in a row, last: %s): "
+                                "it ends here", self.path, track, errors_in_row, exc)
+                    return
+
+    def _decode(self, av, packet, track: str) -> list:
+        try:
+            return packet.decode()
+        except av.FFmpegError as exc:
+            self._count_bad(track, exc)
+            return []
+
+    def _count_bad(self, track: str, exc: Exception) -> None:
+        self.bad_packets[track] += 1
+        if self.bad_packets[track] == 1:
+            log.warning("%s: an unreadable %s packet was skipped (%s: %s); further ones are counted in "
+                        "bad_packets", self.path, track, type(exc).__name__, exc)
+
+    def _video_loop(self) -> float | None:
+        """Decode and release the frames; returns the time of the last one (file seconds), None if none."""
+        av = require("av")
+        last = None
         with av.open(str(self.path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             index = 0
-            for frame in container.decode(stream):
-                seconds = frame.time if frame.time is not None else index / self.fps
+            for frame in self._packets_decoded(container, stream, "video"):
+                seconds = frame.time if frame.time is not None else self.track_spans_s["video"][0] + index / self.fps
                 t = self._timeline(seconds)
                 if self.realtime and not _sleep_until(t, self._stop):
-                    return
+                    return last
                 self.frames.put(Frame(t, self._rgb(frame), index))
+                last = seconds + 1 / self.fps
                 if self._stop.is_set():
-                    return
+                    return last
                 index += 1
+        return last
 
     def _rgb(self, frame) -> np.ndarray:
         width, height = frame.width, frame.height
@@ -618,28 +884,79 @@ class VideoFileSource(Source):
             width, height = limit, max(2, int(round(height * limit / width / 2)) * 2)
         return frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
 
-    def _audio_loop(self) -> None:
+    def _audio_loop(self) -> float | None:
+        """Decode, resample and release the audio; returns where it ended (file seconds), None if nothing."""
         av = require("av")
-        rate = self.sample_rate
         with av.open(str(self.path)) as container:
             stream = container.streams.audio[0]
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            first, count = None, 0
-            for frame in container.decode(stream):
-                if first is None:
-                    first = frame.time if frame.time is not None else self._file_start
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=self.sample_rate)
+            timeline = _AudioTimeline(self.sample_rate, self.track_spans_s["audio"][0])
+            for frame in self._packets_decoded(container, stream, "audio"):
+                timeline.follow(frame)
                 for out in resampler.resample(frame):
-                    if not self._push_audio(out.to_ndarray().reshape(-1), first, count):
-                        return
-                    count += out.samples
-            for out in resampler.resample(None):
-                if not self._push_audio(out.to_ndarray().reshape(-1), first, count):
-                    return
-                count += out.samples
+                    if not self._push_audio(out.to_ndarray().reshape(-1), timeline):
+                        return timeline.end_s
+            if timeline.started:
+                for out in resampler.resample(None):
+                    if not self._push_audio(out.to_ndarray().reshape(-1), timeline):
+                        break
+            return timeline.end_s
 
-    def _push_audio(self, samples: np.ndarray, first: float, count: int) -> bool:
-        rate = self.sample_rate
-        t = self._timeline(first) + count * NS_PER_S // rate
-        if self.realtime and not _sleep_until(t + samples.size * NS_PER_S // rate, self._stop):
+    def _push_audio(self, samples: np.ndarray, timeline: "_AudioTimeline") -> bool:
+        t = self._timeline(timeline.place(samples.size))
+        if self.realtime and not _sleep_until(t + samples.size * NS_PER_S // self.sample_rate, self._stop):
             return False
         return not self._stop.is_set() and self.audio.write(samples, t) is not None
+
+
+def _stream_span(stream, file_start: float, file_end: float | None) -> tuple[float, float | None]:
+    """A track's (start, end) in file seconds: its own times from the container, else the file's."""
+    base = stream.time_base
+    start = float(stream.start_time * base) if stream.start_time is not None and base else file_start
+    if stream.duration is not None and base:
+        return start, start + float(stream.duration * base)
+    tagged = _duration_tag(stream.metadata.get("DURATION") or stream.metadata.get("duration"))
+    return start, (start + tagged if tagged is not None else file_end)
+
+
+def _duration_tag(text: str | None) -> float | None:
+    """Matroska's per-track ``DURATION`` tag, ``HH:MM:SS.nnnnnnnnn``, in seconds (None when absent or odd)."""
+    try:
+        hours, minutes, seconds = str(text).split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
+class _AudioTimeline:
+    """File times of a decoded, resampled audio track: counted in output samples from its first frame, moved
+    on by the gap when a frame starts later than the previous one ended (a packet skipped)."""
+
+    def __init__(self, rate: int, start_s: float):
+        self.rate = rate
+        self.start_s = start_s
+        self.started = False
+        self._count = 0
+        self._gap_s = 0.0
+        self._next_in_s: float | None = None   # where the next decoded frame should start
+
+    def follow(self, frame) -> None:
+        """Take a decoded frame's own time into account before its samples are placed."""
+        t = frame.time
+        if not self.started:
+            self.started, self.start_s = True, t if t is not None else self.start_s
+        elif t is not None and self._next_in_s is not None and t - self._next_in_s > AUDIO_GAP_S:
+            self._gap_s += t - self._next_in_s
+        base = t if t is not None else self._next_in_s
+        if base is not None:
+            self._next_in_s = base + frame.samples / frame.sample_rate
+
+    def place(self, n: int) -> float:
+        """The file time of the first of the next ``n`` output samples."""
+        seconds = self.start_s + self._gap_s + self._count / self.rate
+        self._count += n
+        return seconds
+
+    @property
+    def end_s(self) -> float | None:
+        return self.start_s + self._gap_s + self._count / self.rate if self.started else None

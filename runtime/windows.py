@@ -278,7 +278,9 @@ class WindowScheduler:
     """Cuts windows every hop as capture proceeds; the newest ready window wins when live and behind.
 
     ``video`` supplies ``.frames`` and ``audio`` supplies ``.audio`` (the same VideoFileSource may be both;
-    either may be None). The sources must be started. ``next_window(timeout_s)`` returns the next window,
+    either may be None). The sources must be started. A file's windows follow its own timeline from its
+    earliest track; a live source that is late or lost leaves its part of the window absent (``presence``
+    says so) while the windows go on. ``next_window(timeout_s)`` returns the next window,
     or None on timeout or at the end (then ``ended`` is true); a failed source's error is raised from it.
     """
 
@@ -336,33 +338,45 @@ class WindowScheduler:
         return ring.last_t_ns() if isinstance(ring, FrameRing) else ring.end_ns()
 
     def _try_start(self, deadline_ns: int) -> None:
-        firsts = [(s, self._first(r)) for s, r in self._feeds]
-        waiting = [s for s, t in firsts if t is None and not s.finished]
+        """Fix the timeline's start. A file's tracks start where its container says (the earliest track's
+        start: a track that starts later is absent until then, nothing waits for it); a live feed's start is
+        its first capture, waited for up to ``start_timeout_s``; with both, the later of the two."""
+        live = [(s, r) for s, r in self._feeds if r.known_start_ns is None]
+        filed = [r.known_start_ns for _, r in self._feeds if r.known_start_ns is not None]
+        firsts = [(s, r, self._first(r)) for s, r in live]
+        waiting = [s for s, r, t in firsts if t is None and not (s.finished or r.complete)]
         if waiting and now_ns() < deadline_ns:
             return
         if waiting:
             raise InputError(f"{waiting[0].kind} {waiting[0].name} delivered nothing within "
                              f"{self.plan.tuning.start_timeout_s} s of the start: check the device or its cable")
-        known = [t for _, t in firsts if t is not None]
+        known = [t for _, _, t in firsts if t is not None] + ([min(filed)] if filed else [])
         if not known:
             self.ended = True
         else:
             self.start_ns = max(known)
 
+    def _feed_done(self, source: Source, ring, t1_ns: int) -> bool:
+        """Nothing more of ``[.., t1)`` will come from this feed: it reached t1, its writer is done, or it is a
+        file's track that starts at or after t1 (absent from this window)."""
+        end = self._end(ring)
+        if end is not None and end >= t1_ns or ring.complete or source.finished:
+            return True
+        return ring.known_start_ns is not None and ring.known_start_ns >= t1_ns
+
     def _ready(self, t1_ns: int) -> bool:
         slack = int(self.plan.tuning.max_wait_s * NS_PER_S)
         for source, ring in self._feeds:
-            end = self._end(ring)
-            if end is not None and end >= t1_ns or source.finished:
+            if self._feed_done(source, ring, t1_ns):
                 continue
             if source.realtime and now_ns() >= t1_ns + slack:
-                continue
+                continue   # live: a late or lost feed is absent from the window, the windows go on
             return False
         return True
 
     def _past_end(self, t1_ns: int) -> bool:
-        """All sources finished and the window reaches beyond every ring's data."""
-        if not all(s.finished for s, _ in self._feeds):
+        """Every feed is done and the window reaches beyond every ring's data."""
+        if not all(ring.complete or source.finished for source, ring in self._feeds):
             return False
         ends = [e for e in (self._end(r) for _, r in self._feeds) if e is not None]
         return not ends or t1_ns > max(ends)

@@ -138,3 +138,38 @@ def test_space_estimate_covers_the_full_size_formats(tmp_path):
     from edge_emollama.export.sources import reference_bytes
 
     assert reference_bytes(EMOTION_LLAMA) == 4 * sum(p.numel() for p in reference.parameters())   # ~35 GB
+
+
+def test_an_export_removes_the_staging_folders_killed_exports_left(tmp_path, caplog):
+    """Abandoned: the writer process recorded in the name is gone, or (no PID, older exports) nothing changed
+    for a minute. Kept: a running writer's folder however old (a concurrent export), a recent one without PID."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    minutes_ago = time.time() - 120
+
+    def staging(suffix: str, old: bool = False):
+        folder = tmp_path / f".tiny.partial-{suffix}"
+        (folder / "onnx").mkdir(parents=True)
+        (folder / "onnx" / "eva.onnx").write_bytes(b"half written")
+        if old:
+            for path in (folder / "onnx" / "eva.onnx", folder / "onnx", folder):
+                os.utime(path, (minutes_ago, minutes_ago))
+        return folder
+
+    dead_writer, old_without_pid = staging(f"{gone}-k1ll3d"), staging("a8x2_q", old=True)
+    running_writer, recent_without_pid = staging(f"{os.getpid()}-busy", old=True), staging("zz91kq")
+    other = tmp_path / ".tinier.partial-1-x"   # another output's folder
+    other.mkdir()
+    caplog.set_level("INFO", logger="edge_emollama.export")
+    out = tmp_path / "tiny"
+    assert main(["export", "--preset", "tiny", "--out", str(out), "--formats", "onnx"]) == 0
+    assert not dead_writer.exists() and not old_without_pid.exists()
+    assert running_writer.is_dir() and recent_without_pid.is_dir() and other.is_dir()
+    assert f"process {gone}, is gone" in caplog.text and "untouched for 1" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".tinier.partial-1-x", running_writer.name, recent_without_pid.name, "tiny"])

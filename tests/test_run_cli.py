@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import zmq
 
 from edge_emollama.cli import main
@@ -26,7 +27,8 @@ def test_missing_camera_and_missing_source_are_one_clear_error(tiny_artifacts, c
     assert "NAME=ENDPOINT" in capsys.readouterr().err
 
 
-def test_sigint_stops_cleanly_with_a_final_status(tiny_artifacts, sample_clip, endpoints):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_signal_stops_cleanly_with_a_final_status(tiny_artifacts, sample_clip, endpoints, signum):
     pub, ctl = endpoints
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt_string(zmq.SUBSCRIBE, "emollama.v1.")
@@ -40,7 +42,7 @@ def test_sigint_stops_cleanly_with_a_final_status(tiny_artifacts, sample_clip, e
             if sub.poll(200):
                 topics.append(sub.recv_multipart()[0].decode())
         assert "emollama.v1.estimate" in topics, "no estimate before the signal"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         states, deadline = [], time.monotonic() + 20
         while "stopped" not in states and time.monotonic() < deadline:
             if sub.poll(200):

@@ -35,6 +35,7 @@ from ..runtime.items import EndOfInput, synthetic_window
 from ..runtime.link import LinkOptions, Producer
 from ..runtime.pipeline import Pipeline
 from ..runtime.stages import EncoderStage, LlmStage
+from ..runtime.windows import WindowPlan
 from ..scoring import kl_divergence
 from ..spec import ALIGNED_FACE_SIZE, ModelSpec
 from ..vocab import LlamaTokenizer
@@ -241,7 +242,9 @@ def run_bench(options: BenchOptions) -> dict:
     artifacts = load_artifacts(options.runtime.artifacts)
     spec = artifacts.spec
     rng = np.random.default_rng(0)
-    items = synthetic_windows(spec, rng, options.windows)
+    plan = WindowPlan.from_manifest(artifacts.manifest, options.runtime.windows)
+    seen_s = max(plan.context_s.values(), default=plan.window_s)   # the frames and audio the encoders see
+    items = synthetic_windows(spec, rng, options.windows, window_s=seen_s, hop_s=plan.hop_s)
     encoders = EncoderStage(artifacts, options.runtime.encoders)
     llm = LlmStage(artifacts, options.runtime.llm)
     encoders.warmup()
@@ -249,6 +252,7 @@ def run_bench(options: BenchOptions) -> dict:
     gpu_loaded, probabilities = _gpu_memory_mb(), []
     report = {"preset": spec.name, "artifacts": str(artifacts.root), "device_class": device_class(),
               "machine": _machine(), "tools": tool_versions(), "windows": options.windows,
+              "encoders_see_s": seen_s,
               "runtime": {"precision": encoders.encoders.precision, "quant": llm.quant,
                           "threads": options.runtime.encoders.threads, "n_gpu_layers": options.runtime.llm.n_gpu_layers,
                           "providers": list(encoders.encoders.providers),
