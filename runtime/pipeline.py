@@ -18,20 +18,18 @@ import time
 from typing import Callable
 
 from ..config import LINKS, RuntimeConfig
-from ..errors import EdgeEmollamaError, InputError
+from ..errors import EdgeEmollamaError
 from ..manifest import Artifacts, load_artifacts
-from .asr import AsrWorker, Transcriber
+from .capture import Capture
 from .clock import now_ns, run_anchor
 from .control import ControlServer
-from .faces import FaceCache, make_detector
 from .fusion import Fusion
 from .items import EndOfInput, RowsItem, ScoresItem
 from .link import Consumer, LinkOptions, Producer
 from .publish import Publisher
 from .reasoning import ReasoningWorker
-from .sources import CameraSource, MicrophoneSource, VideoFileSource
 from .stages import EncoderStage, LlmStage
-from .windows import WindowPlan, WindowScheduler
+from .windows import WindowPlan
 
 __all__ = ["Pipeline"]
 
@@ -53,8 +51,8 @@ class Pipeline:
         self.on_estimate, self.max_windows = on_estimate, max_windows
         self.stop_event = threading.Event()
         self.errors: list = []
-        self.sources, self.threads, self._closers = [], [], []
-        self.publisher = self.control = self.reasoner = self.asr = None
+        self.threads, self._closers = [], []
+        self.publisher = self.control = self.reasoner = self.capture = None
         self.published = 0
         offline_file = config.sources.video is not None and not config.sources.realtime
         self._lossless = offline_file if lossless is None else lossless
@@ -78,7 +76,8 @@ class Pipeline:
             if "publish" in want:
                 self._spawn("publish", self._publish_loop, self._link_in("scores"), None, None)
             if "capture" in want:
-                self._spawn("capture", self._capture_loop, None, self._link_out("windows"), self._open_sources())
+                self.capture = Capture(self.config, self.artifacts, self.plan)
+                self._spawn("capture", self._capture_loop, None, self._link_out("windows"), self.capture)
         except BaseException:
             self.close()
             raise
@@ -118,32 +117,6 @@ class Pipeline:
         self.threads.append(thread)
         thread.start()
 
-    def _open_sources(self) -> WindowScheduler:
-        cfg, rate = self.config, self.plan.sample_rate
-        video = audio = None
-        if cfg.sources.video is not None:
-            video = audio = VideoFileSource(cfg.sources.video, rate, realtime=cfg.sources.realtime,
-                                            options=cfg.file).start()
-            self.sources.append(video)
-        if cfg.sources.camera is not None:
-            video = CameraSource(cfg.sources.camera, cfg.camera).start()
-            self.sources.append(video)
-        if cfg.sources.microphone is not None:
-            name = cfg.sources.microphone
-            audio = MicrophoneSource(None if name == "default" else name, rate, cfg.microphone).start()
-            self.sources.append(audio)
-        if not self.sources:
-            raise InputError("no source: give --camera, --mic or --video (see edge-emollama run --help)")
-        faces = FaceCache(make_detector(self.artifacts, cfg.faces))
-        audio = audio if audio is not None and audio.audio is not None else None
-        history_s = 0.0
-        if cfg.asr.model is not None and audio is not None:
-            self.asr = AsrWorker(Transcriber(cfg.asr), audio.audio, cfg.asr)
-            self._closers.append(self.asr.close)
-            history_s = cfg.asr.context_s
-        return WindowScheduler(video if video is not None and video.frames is not None else None, audio, self.plan,
-                               faces, history_s=history_s)
-
     def _start_publisher(self) -> None:
         self.publisher = Publisher(self.config.publish, anchor=run_anchor(), security=self.config.security).start()
         self.control = ControlServer.for_publisher(self.publisher, self.config.control)
@@ -169,26 +142,22 @@ class Pipeline:
                 return True
         return False
 
-    def _capture_loop(self, _inbox, outbox: Producer, scheduler: WindowScheduler) -> None:
+    def _capture_loop(self, _inbox, outbox: Producer, capture: Capture) -> None:
         count = 0
         try:
             while not self.stop_event.is_set():
-                window = scheduler.next_window(timeout_s=0.2)
+                window = capture.next_window(timeout_s=0.2)
                 if window is None:
-                    if scheduler.ended:
+                    if capture.ended:
                         break
                     continue
-                if self.asr is not None:   # the newest transcript ready now; then the speech up to this window
-                    window.stamp.subtitle = self.asr.pick(window.t1_ns, self.plan.hop_ns).text
-                    self.asr.submit_until(window.t1_ns)
-                window.stamp.dropped, window.stamp.sent_ns = scheduler.dropped, now_ns()
+                window.stamp.sent_ns = now_ns()
                 self._send(outbox, window)
                 count += 1
                 if self.max_windows is not None and count >= self.max_windows:
                     break
         finally:
-            for source in self.sources:
-                source.stop()
+            capture.stop()
             self._send(outbox, EndOfInput())
 
     def _encode_loop(self, inbox: Consumer, outbox: Producer, stage: EncoderStage) -> None:
@@ -258,18 +227,23 @@ class Pipeline:
                     return False
         return True
 
+    @property
+    def asr(self):
+        """The speech-recognition worker of this process's capture (None without --asr)."""
+        return self.capture.asr if self.capture is not None else None
+
     def stop(self) -> None:
         """Stop capture; the windows in flight finish or are dropped; then close everything."""
         self.stop_event.set()
-        for source in self.sources:
-            source.stop()
+        if self.capture is not None:
+            self.capture.stop()
         self.wait(timeout_s=10.0)
         self.close()
 
     def close(self) -> None:
         self.stop_event.set()
-        for source in self.sources:
-            source.stop()
+        if self.capture is not None:
+            self.capture.close()
         for close in self._closers:
             close()
         self._closers.clear()
