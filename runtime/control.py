@@ -280,6 +280,9 @@ class ControlServer:
                 "too_large": self.too_large, "restarts": self.restarts}
 
     def start(self) -> "ControlServer":
+        """Bind and start the loop; a second call does nothing."""
+        if self._thread is not None:
+            return self
         zmq, o = self._zmq, self.options
         self._socket, self.endpoint = bind_socket(
             self._context, zmq.ROUTER, o.endpoint, {zmq.SNDHWM: o.sndhwm, zmq.MAXMSGSIZE: o.max_request_bytes},

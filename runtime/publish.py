@@ -218,6 +218,10 @@ class Publisher:
         self.endpoint: str | None = None
 
     def start(self) -> "Publisher":
+        """Bind and start the sender thread; a second call does nothing (two threads on one socket would
+        interleave the frames of their messages)."""
+        if self._thread is not None:
+            return self
         o = self.options
         self._socket, self.endpoint = bind_socket(
             self._context, self._zmq.PUB, o.endpoint, {self._zmq.SNDHWM: o.sndhwm}, o.heartbeat,

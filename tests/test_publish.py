@@ -189,6 +189,17 @@ def test_bad_payloads_fail_in_the_caller(ctx):
         Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*"), context=ctx).publish("event", {})
 
 
+def test_start_twice_is_one_sender(ctx):
+    """Publisher(...).start() then `with` (which starts too): one sender thread, whole messages only."""
+    with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.02), context=ctx).start() as pub:
+        sender = pub._thread
+        assert pub.start() is pub and pub._thread is sender
+        sub = subscriber(ctx, pub.endpoint)
+        frames = [sub.recv_multipart() for _ in range(20) if sub.poll(2000)]
+        sub.close(0)
+    assert len(frames) == 20 and all(len(f) == 3 for f in frames)
+
+
 def test_bind_conflict_is_a_config_error(ctx):
     with Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*"), context=ctx) as first:
         with pytest.raises(ConfigError, match="cannot bind"):
