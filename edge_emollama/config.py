@@ -330,6 +330,14 @@ class ReasoningConfig:
 
 
 @dataclass
+class OutputsConfig:
+    """Where else the published messages go (runtime/outputs.py), besides the PUB socket."""
+    record: str | None = None       # a JSONL file: every message sent, one JSON object a line (--record)
+    lsl: bool = False               # a Lab Streaming Layer outlet of type "Emotion" (--lsl; the lsl extra)
+    psi: str | None = None          # a second PUB endpoint in \psi's two-frame format (--psi ENDPOINT)
+
+
+@dataclass
 class SecurityConfig:
     """ZeroMQ CURVE ("ironhouse"): encrypted sockets that accept only the allow-listed client keys."""
     curve: str | None = None        # a folder from `edge-emollama keys DIR`: server.key(_secret), clients/*.key
@@ -356,6 +364,7 @@ class RuntimeConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
     reasoning: ReasoningConfig = field(default_factory=ReasoningConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
 
     def validate(self) -> "RuntimeConfig":
         for stage in self.stages:

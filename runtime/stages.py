@@ -155,8 +155,13 @@ class LlmStage:
             self._parts_cache[key] = prompt_parts(self.tokenizer, self.spec, subtitle, self.layout, task)
         return self._parts_cache[key]
 
+    @property
+    def decode_calls(self) -> int:
+        """llama_decode calls the last window took (1 when its prompt and label branches fit n_batch)."""
+        return self.scorer.decode_calls
+
     def __call__(self, rows: np.ndarray, subtitle: str = "") -> tuple:
-        """(label distribution, llm ms)."""
+        """(label distribution, llm ms); ``decode_calls`` then says how many llama_decode calls it took."""
         start = time.perf_counter()
         logprobs = self.scorer.label_logprobs(self.parts(subtitle), rows, self.pieces)
         if not np.all(np.isfinite(logprobs)):

@@ -261,6 +261,7 @@ def run_bench(options: BenchOptions) -> dict:
               "errors": {}}
     # steady state: consecutive windows share (W - H) / W of their frames, whose MAE rows are reused
     report["mae_frames_reused"] = encoders.frames_reused
+    report["llm_decode_calls_per_window"] = llm.decode_calls   # the last (steady-state) window's
     report["gpu_memory_runtime_mb"] = gpu_loaded
     _section(report, "llm_by_quant_ms", lambda: quant_latency(options, artifacts, encoders, items), options.progress)
     if options.sweep:
