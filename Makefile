@@ -15,12 +15,12 @@ $(VENV)/.installed: setup.py
 	$(PIP) install --upgrade pip
 	$(PIP) install "torch==2.13.0"
 	@echo "installing the runtime and the exporter; llama-cpp-python compiles for about 4 minutes on 2 cores"
-	$(PIP) install -e ".[export]"
+	$(PY) -m pip install --progress-bar on -e ".[export]"
 	$(PIP) install --no-deps "facenet-pytorch==2.6.0"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[export,test,mic,asr,eval]"
+	$(PIP) install -e ".[export,test,mic,asr,eval,lsl]"
 	touch $@
 
 setup: $(VENV)/.installed

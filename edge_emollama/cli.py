@@ -111,6 +111,13 @@ def _run_parser(sub, common) -> None:
                    help="stage link endpoint (windows, rows, scores), e.g. rows=tcp://127.0.0.1:6001; the producing "
                         "side binds, the consuming side connects (repeatable)")
     _serve_securely(p)
+    out = p.add_argument_group("outputs besides the PUB socket (docs/outputs.md)")
+    _setting(out, "--record", key="runtime.outputs.record", metavar="FILE",
+             help="record every message to FILE, one JSON object a line (FILE.partial until the run ends)")
+    _setting(out, "--lsl", key="runtime.outputs.lsl", action="store_const", const=True,
+             help='a Lab Streaming Layer outlet of type "Emotion" (pip install -e ".[lsl]")')
+    _setting(out, "--psi", key="runtime.outputs.psi", metavar="ENDPOINT",
+             help="a second PUB socket in \\psi's two-frame format, e.g. tcp://127.0.0.1:5557")
     p.add_argument("--max-windows", type=int, help="stop after this many windows")
     p.add_argument("--quiet", action="store_true", help="do not print estimates")
 
@@ -123,6 +130,8 @@ def _listen_parser(sub, common) -> None:
     p.add_argument("-t", "--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--status", action="store_true", help="also print the ~1 Hz status messages")
     p.add_argument("--topic", action="append", help="subscribe to this topic prefix (repeatable; default all of v1)")
+    p.add_argument("--json", action="store_true",
+                   help='print each message as one JSON object a line: {"topic", "header", "payload"}')
     _connect_securely(p)
 
 
@@ -148,11 +157,20 @@ def _eval_parser(sub, common) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N clips")
 
 
+def _report_parser(sub, common) -> None:
+    p = sub.add_parser("report", parents=[common], help="a recording of run --record -> a PNG or HTML report")
+    p.add_argument("session", metavar="SESSION.jsonl", help="a recording (run --record FILE; a .partial one too)")
+    p.add_argument("--out", help="report.png or report.html (default: SESSION.png beside the recording)")
+    p.add_argument("--utc", action="store_true", help="UTC times on the time axis (default: seconds from the start)")
+
+
 def _demo_parser(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common],
                        help="no camera, microphone, GPU or checkpoints: tiny preset on a generated clip")
     p.add_argument("--artifacts", default="artifacts/tiny", help="where the tiny export lives (made if missing)")
-    p.add_argument("--clip", default="artifacts/sample-clip.mp4", help="sample clip (generated if missing)")
+    p.add_argument("--seconds", type=float, default=60.0,
+                   help="how long the generated clip plays, in real time (default 60; Ctrl-C stops earlier)")
+    p.add_argument("--clip", help="a clip to play instead (default: artifacts/sample-clip-SECONDSs.mp4, generated)")
     _endpoints(p)
     _serve_securely(p)
 
@@ -169,18 +187,21 @@ def _bench_parser(sub, common) -> None:
     p = sub.add_parser("bench", parents=[common], help="per-stage latency, throughput, clip run; --reference "
                                                         "side by side")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--preset", help="tiny | mid | emotion-llama: export into artifacts/bench-PRESET if missing")
+    where.add_argument("--preset", help="tiny | mid | emotion-llama: artifacts/PRESET if it holds one, else exported "
+                                         "into artifacts/bench-PRESET")
     where.add_argument("--artifacts", help="an exported folder")
     p.add_argument("--random-weights", action="store_true", help="emotion-llama shapes with random weights")
     p.add_argument("--reference", action="store_true", help="also time the PyTorch reference on the same inputs")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="cost against window length (table + SVG plot)")
     p.add_argument("--no-clip", action="store_true", help="skip the whole-runtime clip runs")
-    p.add_argument("--json", help="where to write the figures (default bench-results/bench-PRESET.json)")
+    p.add_argument("--json", help="where to write the figures (default artifacts/bench-PRESET.json; "
+                                  "bench-results/ keeps the published ones)")
 
 
 PARSERS = {"export": _export_parser, "run": _run_parser, "listen": _listen_parser, "explain": _explain_parser,
-           "eval": _eval_parser, "demo": _demo_parser, "bench": _bench_parser, "keys": _keys_parser}
+           "eval": _eval_parser, "report": _report_parser, "demo": _demo_parser, "bench": _bench_parser,
+           "keys": _keys_parser}
 
 
 def _global_options(parser, suppress: bool) -> None:

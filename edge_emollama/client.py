@@ -50,6 +50,7 @@ class ListenResult:
     gaps: int = 0         # missing seq numbers, summed
     restarts: int = 0     # stream_id changes
     timed_out: bool = False
+    stopped: bool = False  # the runtime said it stopped (its last status): listening ended there
 
 
 def _utc_time(header: dict, t_ns: int) -> str:
@@ -119,7 +120,9 @@ def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, tim
            topics: tuple = (ALL_V1,), show_status: bool = False, out: TextIO | None = None,
            err: TextIO | None = None, context=None, keys: ClientKeys | None = None,
            as_json: bool = False) -> ListenResult:
-    """Subscribe to ``endpoint``; stop after ``count`` estimates or ``timeout`` seconds (None: no limit).
+    """Subscribe to ``endpoint``; stop after ``count`` estimates, ``timeout`` seconds (None: no limit), or when
+    the runtime's final status says it stopped (``result.stopped``: a listener never waits on a runtime that is
+    gone for good).
 
     ``as_json``: print each valid message as one JSON object a line, ``{"topic", "header", "payload"}``."""
     zmq = require("zmq")
@@ -133,7 +136,7 @@ def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, tim
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         sock.connect(endpoint)
-        while count is None or result.estimates < count:
+        while (count is None or result.estimates < count) and not result.stopped:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 result.timed_out = True
@@ -173,6 +176,9 @@ def _one(frames: list[bytes], result: ListenResult, seqs: _Sequence, show_status
     seqs.see(topic, header)
     if topic.endswith(".estimate"):
         result.estimates += 1
+    if topic.endswith(".status") and payload["state"] == "stopped":
+        result.stopped = True
+        print(f"note: the runtime stopped (stream {header['stream_id']})", file=err)
     if show_status or not topic.endswith(".status"):
         line = (dumps({"topic": topic, "header": header, "payload": payload}).decode() if as_json
                 else format_message(topic, header, payload))

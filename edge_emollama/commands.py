@@ -52,7 +52,7 @@ def print_estimate(fused, item) -> None:
 
 
 def run_pipeline(runtime: RuntimeConfig, artifacts: Artifacts, *, quiet: bool = False,
-                 max_windows: int | None = None, announce: str = "") -> int:
+                 max_windows: int | None = None) -> int:
     """Start, wait for the end of the input or a signal, stop cleanly. A second signal exits at once."""
     pipeline = Pipeline(runtime, artifacts, on_estimate=None if quiet else print_estimate, max_windows=max_windows)
     stopping = threading.Event()
@@ -68,8 +68,8 @@ def run_pipeline(runtime: RuntimeConfig, artifacts: Artifacts, *, quiet: bool = 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         pipeline.start()
-        log.info("publishing on %s, control on %s%s", pipeline.publisher.endpoint if pipeline.publisher else "-",
-                 runtime.control.endpoint, announce)
+        log.info("publishing on %s, control on %s", pipeline.publisher.endpoint if pipeline.publisher else "-",
+                 runtime.control.endpoint)
         while not pipeline.wait(timeout_s=0.5):
             if pipeline.stop_event.is_set():
                 break
@@ -119,7 +119,7 @@ def cmd_listen(args, cfg: Config) -> int:
     """Exit status: 0 fine, 1 some message did not validate, 2 nothing arrived before the timeout."""
     keys = client_keys(args, cfg)
     result = listen(cfg.runtime.publish.endpoint, args.count, args.timeout, topics=tuple(args.topic or (ALL_V1,)),
-                    show_status=args.status, keys=keys)
+                    show_status=args.status, keys=keys, as_json=args.json)
     if result.invalid:
         return 1
     if result.messages == 0:
@@ -157,7 +157,16 @@ def cmd_eval(args, cfg: Config) -> int:
     return 0
 
 
+def cmd_report(args, cfg: Config) -> int:
+    from .tools.report import write_report
+
+    out = write_report(args.session, args.out, utc=args.utc)
+    print(f"report written to {out}")
+    return 0
+
+
 def cmd_demo(args, cfg: Config) -> int:
+    """The tiny export on a generated clip in real time, with a header, the estimates, and what to try next."""
     from .tools.sample_clip import write_sample_clip
 
     if not (Path(args.artifacts) / MANIFEST).is_file():
@@ -166,21 +175,43 @@ def cmd_demo(args, cfg: Config) -> int:
         log.info("no export at %s: exporting the tiny preset first (about 20 s)", args.artifacts)
         cfg.model.preset, cfg.export.out = "tiny", args.artifacts
         export(cfg, validate=False)
-    if not Path(args.clip).is_file():
-        Path(args.clip).parent.mkdir(parents=True, exist_ok=True)
-        write_sample_clip(args.clip)
-        log.info("wrote the sample clip %s (a drawn face and a voice)", args.clip)
+    clip = Path(args.clip or f"artifacts/sample-clip-{args.seconds:g}s.mp4")
+    if not clip.is_file():
+        clip.parent.mkdir(parents=True, exist_ok=True)
+        log.info("writing a %g s sample clip (a drawn face and a voice) to %s", args.seconds, clip)
+        write_sample_clip(clip, seconds=args.seconds)
     runtime = cfg.runtime
-    runtime.artifacts, runtime.sources.video = args.artifacts, args.clip
-    print(UNTRAINED, file=sys.stderr)
-    announce = f"; watch with: edge-emollama listen {runtime.publish.endpoint}"
-    return run_pipeline(runtime, load_artifacts(args.artifacts), announce=announce)
+    runtime.artifacts, runtime.sources.video = args.artifacts, str(clip)
+    print(_demo_header(runtime, clip), file=sys.stderr, flush=True)
+    code = run_pipeline(runtime, load_artifacts(args.artifacts))
+    print(_demo_next_steps(runtime), file=sys.stderr)
+    return code
+
+
+def _demo_header(runtime: RuntimeConfig, clip: Path) -> str:
+    return "\n".join([
+        "edge-emollama demo: the tiny preset on a generated clip, in real time (Ctrl-C stops)", UNTRAINED,
+        f"  clip       {clip}", f"  estimates  {runtime.publish.endpoint}   (in another terminal: "
+        f"edge-emollama listen {runtime.publish.endpoint})",
+        f"  control    {runtime.control.endpoint}   (edge-emollama explain --control {runtime.control.endpoint}:"
+        " the tiny model's words are as meaningless as its labels)",
+        "  columns    window [face, audio] dominant-label  top-3 smoothed probabilities", ""])
+
+
+def _demo_next_steps(runtime: RuntimeConfig) -> str:
+    return "\n".join(["", "next:",
+                      "  edge-emollama run --video YOUR.mp4 --record session.jsonl   then   edge-emollama report "
+                      "session.jsonl",
+                      "  edge-emollama run --camera 0                                 your camera and microphone",
+                      "  edge-emollama export --preset emotion-llama --checkpoints DIR   real estimates "
+                      "(docs/checkpoints.md)"])
 
 
 def cmd_bench(args, cfg: Config) -> int:
     from .tools.bench import BenchOptions, format_report, run_bench, write_report
 
-    folder = args.artifacts or f"artifacts/bench-{args.preset or cfg.model.preset}"
+    preset = args.preset or cfg.model.preset
+    folder = args.artifacts or _existing_export(preset) or f"artifacts/bench-{preset}"
     if not args.artifacts and not (Path(folder) / MANIFEST).is_file():
         from .export.pipeline import export
 
@@ -191,11 +222,20 @@ def cmd_bench(args, cfg: Config) -> int:
                            clip=not args.no_clip, sweep=args.sweep, progress=args.json)
     report = run_bench(options)
     print(format_report(report))
-    out = Path(args.json or f"bench-results/bench-{report['preset']}.json")
+    out = Path(args.json or f"artifacts/bench-{report['preset']}.json")   # bench-results/ holds the kept figures
     write_report(report, out)
     print(f"figures written to {out}")
     return 1 if report["errors"] else 0
 
 
+def _existing_export(preset: str) -> str | None:
+    """artifacts/PRESET when it holds an export of that preset (the bench then does not export again)."""
+    folder = Path("artifacts") / preset
+    try:
+        return str(folder) if load_artifacts(folder, verify=False).manifest.preset == preset else None
+    except EdgeEmollamaError:
+        return None
+
+
 COMMANDS = {"export": cmd_export, "run": cmd_run, "listen": cmd_listen, "explain": cmd_explain,
-            "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench, "keys": cmd_keys}
+            "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo, "bench": cmd_bench, "keys": cmd_keys}

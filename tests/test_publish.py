@@ -304,3 +304,20 @@ def test_listen_main_exit_codes(ctx, capsys):
     port = raw.bind_to_random_port("tcp://127.0.0.1")
     assert main(["listen", f"tcp://127.0.0.1:{port}", "--timeout", "0.3"]) == 2  # nothing arrived
     raw.close(0)
+
+
+def test_listen_ends_when_the_runtime_stops(ctx):
+    """Without a count or a timeout, listen returns on the runtime's final 'stopped' status instead of
+    waiting forever for a runtime that is gone."""
+    pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.1), context=ctx).start()
+    out, err, result = io.StringIO(), io.StringIO(), {}
+    thread = threading.Thread(target=lambda: result.update(r=listen(pub.endpoint, show_status=True, out=out,
+                                                                   err=err, context=ctx)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while "status" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub.close()
+    thread.join(5)
+    assert not thread.is_alive() and result["r"].stopped and not result["r"].timed_out
+    assert "the runtime stopped" in err.getvalue()
