@@ -22,7 +22,7 @@ from ..lazy import require
 from ..scoring import log_softmax
 from ..vocab import LlamaTokenizer, quiet_llama_cpp
 
-__all__ = ["LlamaCppScorer", "TokenEmbeddings"]
+__all__ = ["LlamaContext", "LlamaCppScorer", "TokenEmbeddings"]
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,16 @@ class TokenEmbeddings:
         return np.stack([self._rows[int(t)] for t in ids])
 
 
-class LlamaCppScorer:
-    """One llama.cpp model and context, scoring labels and generating greedily.
+class LlamaContext:
+    """One llama.cpp model (or another context's) and context, with its token and embedding batches: the
+    decode primitives and the vocabulary; :class:`LlamaCppScorer` builds prompts and scores on it.
 
-    The prompt lives in sequence 0; sequences 1..``max_branches`` are label branches that exist only during
-    one ``label_logprobs`` call (the KV cache is unified so that prompt cells can belong to all of them)."""
+    Sequence 0 holds the prompt; sequences 1..``max_branches`` exist only during one label scoring (the KV
+    cache is unified so that prompt cells can belong to all of them)."""
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
-                 verbose: bool = False, share_model: "LlamaCppScorer | None" = None, offload: bool = True,
+                 verbose: bool = False, share_model: "LlamaContext | None" = None, offload: bool = True,
                  max_branches: int = 8):
         """``share_model``: a second context on another scorer's weights (which must outlive this one).
         ``offload=False``: everything on the CPU, even in a GPU build (llama.cpp otherwise sends large
@@ -102,12 +103,8 @@ class LlamaCppScorer:
         self._tokens = self._new_batch(0)
         self._embeds = self._new_batch(self.n_embd)
         self._slot_seqs = {id(self._tokens): [(0,)] * self._n_batch, id(self._embeds): [(0,)] * self._n_batch}
-        self._path, self._token_rows = gguf_path, None   # TokenEmbeddings, read on the first label_logprobs
-        self._cached: list[int] = []  # leading token-only ids now in the KV cache (positions 0..len-1)
-        self.n_past = 0               # positions of the last prompt in the cache
-        self.reused = 0               # positions kept from the previous call by the last call
-        self.decode_calls = 0         # llama_decode calls made by the last label_logprobs
-        self._calls = 0               # llama_decode calls made by this scorer
+        self._path = gguf_path
+        self._calls = 0               # llama_decode calls made on this context
 
     def _load_model(self, gguf_path, n_gpu_layers: int):
         if not Path(gguf_path).is_file():
@@ -202,6 +199,45 @@ class LlamaCppScorer:
         """A copy of the logits of output ``i`` of the last decode (-1: the last one)."""
         ptr = self._lc.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        """Free the batches, context and model (idempotent)."""
+        lc = self._lc
+        if self._ctx:
+            lc.llama_batch_free(self._tokens)
+            lc.llama_batch_free(self._embeds)
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        if self._model and self._owns_model:
+            lc.llama_model_free(self._model)
+        self._model = None
+
+    def __enter__(self) -> "LlamaContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LlamaCppScorer(LlamaContext):
+    """Label scoring and greedy generation on a :class:`LlamaContext`: the prompt prefix kept in the KV cache
+    between calls, a window's labels scored in one ``llama_decode`` (docs/llm.md)."""
+
+    def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, **context):
+        """``context``: :class:`LlamaContext`'s options (threads, GPU layers, flash attention, batch, KV type,
+        share_model, offload, max_branches)."""
+        super().__init__(gguf_path, n_ctx, **context)
+        self._token_rows = None       # TokenEmbeddings, read on the first label_logprobs
+        self._cached: list[int] = []  # leading token-only ids now in the KV cache (positions 0..len-1)
+        self.n_past = 0               # positions of the last prompt in the cache
+        self.reused = 0               # positions kept from the previous call by the last call
+        self.decode_calls = 0         # llama_decode calls made by the last label_logprobs
 
     def _check(self, parts: list, media_rows: np.ndarray | None, extra: int) -> None:
         """InputError for malformed parts, media ranges outside the block, or a prompt beyond n_ctx."""
@@ -393,27 +429,3 @@ class LlamaCppScorer:
                 self._decode_tokens([token], self.n_past + step, True)
                 logits = self._logits(-1)
         return self.detokenize(out)
-
-    def close(self) -> None:
-        """Free the batches, context and model (idempotent)."""
-        lc = self._lc
-        if self._ctx:
-            lc.llama_batch_free(self._tokens)
-            lc.llama_batch_free(self._embeds)
-            lc.llama_free(self._ctx)
-            self._ctx = None
-        if self._model and self._owns_model:
-            lc.llama_model_free(self._model)
-        self._model = None
-
-    def __enter__(self) -> "LlamaCppScorer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
