@@ -27,6 +27,7 @@ from .control import RequestRefused
 from .llm import LlamaCppScorer
 
 log = logging.getLogger(__name__)
+UNTRAINED_NOTE = "[untrained model with seeded random weights: this text means nothing]"
 
 
 class ClientBudget:
@@ -66,6 +67,7 @@ class ReasoningWorker:
                  per_client_per_minute: int = ReasoningConfig.per_client_per_minute):
         """``stage``: the LlmStage whose weights this worker shares (close the worker first)."""
         self.spec, self.layout, self.publisher, self.max_tokens = stage.spec, stage.layout, publisher, max_tokens
+        self.untrained = stage.untrained
         self.tokenizer = stage.tokenizer
         self.scorer = LlamaCppScorer(stage.path, n_ctx=stage.n_ctx, n_threads=threads or None,
                                      share_model=stage.scorer)
@@ -144,6 +146,8 @@ class ReasoningWorker:
         parts = prompt_parts(self.tokenizer, self.spec, subtitle, self.layout, task="reason")
         text = self.scorer.generate(parts, rows, max_tokens=self.max_tokens).strip()
         tokens = len(self.tokenizer.tokenize(text, add_bos=False, special=False)) if text else 0
+        if self.untrained:   # say it where the reader sees it: the text of seeded random weights is noise
+            text = f"{UNTRAINED_NOTE} {text}"
         self.publisher.publish("reason", {"request_id": request_id, "text": text, "final": True, "label": None,
                                           "tokens": tokens,
                                           "timings_ms": {"generate_ms": (time.perf_counter() - start) * 1000}})

@@ -27,9 +27,12 @@ backoff; meanwhile ``state`` is ``"lost"`` and windows go on without it (``losse
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -267,6 +270,25 @@ class _SampleClock:
         t_start = min(o for _, o in self._offsets) + self._count * NS_PER_S // self.rate
         self._count += n
         return t_start
+
+
+@contextlib.contextmanager
+def _native_stderr_to_debug_log(what: str):
+    """What C libraries write to file descriptor 2 meanwhile goes to the debug log instead of the terminal
+    (ALSA and JACK probing every device), so a clear error of ours is not buried under it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            noise = sink.read().decode("utf-8", errors="replace").strip()
+            if noise:
+                log.debug("%s wrote while opening:\n%s", what, noise)
 
 
 def _sleep_until(t_ns: int, stop: threading.Event) -> bool:
@@ -601,7 +623,8 @@ class MicrophoneSource(Source):
     def _open_stream(self) -> None:
         """Open and start the stream (InputError when the device cannot be used)."""
         pyaudio = self._pyaudio
-        self._pa = pyaudio.PyAudio()
+        with _native_stderr_to_debug_log("PortAudio/ALSA"):
+            self._pa = pyaudio.PyAudio()   # ALSA prints dozens of "cannot find card" lines on such machines
         try:
             info = self._resolve(pyaudio)
             self.device_name = info["name"]

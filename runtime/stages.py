@@ -134,6 +134,7 @@ class LlmStage:
     def __init__(self, artifacts: Artifacts, config: LlmConfig = LlmConfig()):
         manifest = artifacts.manifest
         self.spec, self.layout = artifacts.spec, manifest.prompt.layout
+        self.untrained = manifest.source.get("weights") == "seeded random"   # its words mean nothing
         self.quant = resolve("quant", config.quant, manifest.exported("quant", format="gguf"))
         self.path = artifacts.path(format="gguf", quant=self.quant)
         self.n_ctx = min(self.spec.llama.context, config.n_ctx)
