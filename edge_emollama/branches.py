@@ -18,6 +18,7 @@ The media block is ``[EVA patch rows] + [MAE, VideoMAE, HuBERT] + [EVA CLS]`` (:
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ class TensorIO:
 
 
 @dataclass(frozen=True)
-class Branch:
+class Branch(ABC):
     name: str
     inputs: tuple
     outputs: tuple
@@ -56,16 +57,17 @@ class Branch:
         """{tensor name: {axis: name}} for torch.onnx.export and the manifest."""
         return {t.name: dict(t.dynamic) for t in self.inputs + self.outputs if t.dynamic}
 
+    @abstractmethod
     def raw(self, item):
         """The window item's raw input for this branch (None when the window lacks it)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def feed(self, raw, spec: ModelSpec) -> dict:
         """{input name: float32 array} from the raw input."""
-        raise NotImplementedError
 
+    @abstractmethod
     def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
-        raise NotImplementedError
+        """{input name: shape} of random inputs with ``frames`` face frames and ``seconds`` of audio."""
 
     def example_inputs(self, spec: ModelSpec, rng: np.random.Generator, frames: int = 4,
                        seconds: float = 1.0) -> dict:
