@@ -178,6 +178,40 @@ def fuzz(endpoint: str, count: int, seconds: float, stop: threading.Event) -> di
     return result
 
 
+def run_role(args) -> None:
+    """A load of the soak in a process of its own (a libzmq client that aborts cannot take the measurement
+    with it: one did, on a peer's dropped connection, in the first hour-long try): prints its counts as JSON."""
+    stop = threading.Event()
+    threading.Timer(args.seconds, stop.set).start()
+    if args.role == "fuzz":
+        print(json.dumps(fuzz(args.endpoint, args.requests, args.seconds, stop)))
+        return
+    churn = slow_dead_churn(args.endpoint, stop)
+    stop.wait()
+    for thread in churn["threads"]:
+        thread.join(5)
+    print(json.dumps(churn["counts"]))
+
+
+def start_role(role: str, endpoint: str, seconds: float, requests: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, "--role", role, "--endpoint", endpoint, "--seconds",
+                             str(seconds), "--requests", str(requests)], stdout=subprocess.PIPE, text=True)
+
+
+def finish_role(proc: subprocess.Popen | None) -> dict | None:
+    if proc is None:
+        return None
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return {"exit_code": "killed after 60 s"}
+    try:
+        return {**json.loads(out.strip().splitlines()[-1]), "exit_code": proc.returncode}
+    except (ValueError, IndexError):
+        return {"exit_code": proc.returncode, "note": "the load process died (its own libzmq client)"}
+
+
 def percentiles(values: list) -> dict | None:
     if not values:
         return None
@@ -192,7 +226,12 @@ def main() -> None:
     parser.add_argument("--losses", type=int, default=20)
     parser.add_argument("--artifacts", default=str(ROOT / "artifacts" / "tiny"))
     parser.add_argument("--out", default=str(ROOT / "bench-results" / "soak.json"))
+    parser.add_argument("--role", choices=("fuzz", "churn"), help=argparse.SUPPRESS)
+    parser.add_argument("--endpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.role:
+        run_role(args)
+        return
     if shutil.which("ffmpeg") is None:
         sys.exit("the soak serves a network camera with ffmpeg: apt-get install ffmpeg")
     sys.path.insert(0, str(ROOT))
@@ -211,14 +250,12 @@ def main() -> None:
     start, rss, stop = time.monotonic(), [], threading.Event()
     quarter = args.seconds / 4
     faults = {"camera_losses": 0}
-    churn, holder = None, {}
+    churn = fuzzer = None
     while (now := time.monotonic() - start) < args.seconds and runtime.poll() is None:
         rss.append((now, rss_mb(runtime.pid)))
         if churn is None and now >= quarter:
-            churn = slow_dead_churn(pub, stop)
-            fuzzer = threading.Thread(target=lambda: holder.update(r=fuzz(ctl, args.requests, 2 * quarter, stop)),
-                                      daemon=True)
-            fuzzer.start()
+            churn = start_role("churn", pub, 2 * quarter, 0)
+            fuzzer = start_role("fuzz", ctl, 2 * quarter, args.requests)
         loss_every = 2 * quarter / max(args.losses, 1)
         if quarter <= now < 3 * quarter and faults["camera_losses"] < args.losses and \
                 now >= quarter + faults["camera_losses"] * loss_every:
@@ -235,7 +272,7 @@ def main() -> None:
     code = runtime.wait(30)
     healthy.stop_event.set()
     camera.stop()
-    fuzz_result = holder.get("r")
+    fuzz_result, churn_result = finish_role(fuzzer), finish_role(churn)
 
     end = time.monotonic() - start
 
@@ -247,7 +284,7 @@ def main() -> None:
                 "rss_mb": None if not mem else {"min": round(min(mem)), "max": round(max(mem))}}
 
     report = {"seconds": args.seconds, "alive_at_end": alive, "exit_code": code, "faults": faults,
-              "fuzz": fuzz_result, "subscribers": churn["counts"] if churn else None,
+              "fuzz": fuzz_result, "subscribers": churn_result,
               "seq_gaps_seen_by_healthy": healthy.gaps, "streams": len(healthy.streams),
               "states_seen": sorted({s for _, s in healthy.states}),
               "estimates_without_video": sum(1 for _, v in healthy.video if not v),
