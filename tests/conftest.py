@@ -70,6 +70,16 @@ def free_port() -> int:
 
 
 @pytest.fixture
+def ctx():
+    """A ZeroMQ context of the test's own, destroyed (sockets closed) after it."""
+    import zmq
+
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
 def endpoints():
     """Fresh loopback TCP endpoints for one test (publish, control), ports chosen by the OS."""
     publish, control = free_ports(2)

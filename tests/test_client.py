@@ -44,13 +44,6 @@ def publish_windows(pub: Publisher, n: int, first_index: int = 0, subtitle: str 
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def pub(ctx):
     publisher = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx).start()
     yield publisher

@@ -25,13 +25,6 @@ def valid_reply(reply: dict) -> dict:
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-@pytest.fixture
 def served(ctx):
     pub = Publisher(PublishConfig(endpoint="tcp://127.0.0.1:*", status_interval_s=0.2), context=ctx).start()
     server = ControlServer.for_publisher(pub, ControlConfig(endpoint="tcp://127.0.0.1:*", max_request_bytes=4096))

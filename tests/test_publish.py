@@ -35,13 +35,6 @@ def strict_loads(data: bytes):
     return json.loads(data, parse_constant=refuse)
 
 
-@pytest.fixture
-def ctx():
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def subscriber(ctx, endpoint, topic=b"emollama.v1.", rcvhwm=1000):
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
