@@ -14,6 +14,7 @@ RUNTIME = [
     "pillow>=10",                      # bicubic resize exactly as the original's PIL preprocessing
     "jsonschema>=4",
     "gguf>=0.10",                      # reads the token embeddings: the LLM stage decodes a window in one call
+    "tqdm>=4.62",                      # progress bars on a terminal (edge_emollama/progress.py; plain lines without it)
 ]
 EXPORT = [
     "torch>=2.4",          # CI and the README pin torch==2.13.0 (CPU wheel)

@@ -43,6 +43,8 @@ class Branch(ABC):
     inputs: tuple
     outputs: tuple
     per_frame: bool = False         # one output row per input frame (the window's row is their mean)
+    per_person: bool = False        # its input is a person's face crops (else the window's frame or audio,
+                                    # shared by the people of one window)
     tolerance: dict = field(default_factory=lambda: dict(TOLERANCES))
 
     @property
@@ -140,8 +142,9 @@ class _Hubert(Branch):
 
 
 EVA = _Eva("eva", (TensorIO("pixels"),), (TensorIO("patch_rows"), TensorIO("cls_row")))
-MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),), per_frame=True)
-VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),))
+MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),), per_frame=True,
+           per_person=True)
+VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),), per_person=True)
 HUBERT = _Hubert("hubert", (TensorIO("pcm", {1: "samples"}),), (TensorIO("hubert_row"),))
 
 BRANCHES = {b.name: b for b in (EVA, MAE, VIDEOMAE, HUBERT)}

@@ -87,12 +87,16 @@ def _export_parser(sub, common) -> None:
 def _run_parser(sub, common) -> None:
     p = sub.add_parser("run", parents=[common], help="camera/microphone/file -> emotion estimates on ZeroMQ")
     src = p.add_argument_group("sources (at least one)")
-    _setting(src, "--camera", key="runtime.sources.camera", help="camera index, /dev/videoN or stream URL")
+    _setting(src, "--camera", key="runtime.sources.camera", action="append", metavar="[NAME=]CAMERA",
+             help="camera index, /dev/videoN or stream URL; repeat for several cameras, each a source named NAME "
+                  "(default: camera<index>, video<N>, camera)")
     _setting(src, "--mic", key="runtime.sources.microphone", nargs="?", const="default",
              help="microphone (PyAudio index or name; default input); with --camera the default input is used "
                   "unless --no-mic")
     src.add_argument("--no-mic", action="store_true", help="with --camera: video only")
-    _setting(src, "--video", key="runtime.sources.video", help="a video file with its audio track")
+    _setting(src, "--video", key="runtime.sources.video", action="append", metavar="[NAME=]FILE",
+             help="a video file with its audio track; repeat for several files, each a source named NAME "
+                  "(default: the file's stem)")
     _setting(src, "--fast", key="runtime.sources.realtime", action="store_const", const=False,
              help="file: as fast as possible, no window dropped")
     _setting(src, "--no-audio", key="runtime.file.audio", action="store_const", const=False,

@@ -33,7 +33,7 @@ from typing import TextIO
 from .config import HeartbeatConfig
 from .errors import InputError, did_you_mean
 from .lazy import require
-from .protocol import (ALL_V1, KIND_OF_TOPIC, SCHEMA_VERSION, TOPICS, decode_message, dumps, message_errors,
+from .protocol import (ALL, SCHEMA_VERSION, TOPICS, kind_of, decode_message, dumps, message_errors,
                        schema_errors, set_heartbeats)
 from .security import ClientKeys, connect_curve
 
@@ -68,14 +68,15 @@ def _yes(flag: bool) -> str:
 
 def format_message(topic: str, header: dict, payload: dict) -> str:
     """One human-readable line for a (valid) message."""
-    kind = topic.rsplit(".", 1)[-1]
+    kind = kind_of(topic)
     window = header.get("window") or {}
     when = _utc_time(header, window.get("t1_ns", header["publish_ns"]))
+    who = f"{header['source']}/{_person(header['face_id'])} " if "source" in header else ""
     if kind == "estimate":
         labels, raw = payload["labels"], payload["probabilities"]
         top = max(range(len(raw)), key=raw.__getitem__)
         dom, pres = payload["dominant"], payload["presence"]
-        return (f"{when} #{header['seq']:<5d} {dom['label']:<8s} {dom['probability']:.2f}  "
+        return (f"{when} {who}#{header['seq']:<5d} {dom['label']:<8s} {dom['probability']:.2f}  "
                 f"(window: {labels[top]} {raw[top]:.2f})  face={_yes(pres['face']['present'])} "
                 f"audio={_yes(pres['audio']['present'])}  latency={payload['latency_ms']:.0f} ms")
     if kind == "event":
@@ -83,15 +84,23 @@ def format_message(topic: str, header: dict, payload: dict) -> str:
             detail = f"{payload['previous'] or '-'} -> {payload['current']} ({payload['probability']:.2f})"
         elif payload["kind"] == "presence_changed":
             detail = f"{payload['modality']} {'appeared' if payload['present'] else 'gone'}"
+        elif payload["kind"] == "track_started":
+            detail = f"at {payload['box']}"
+        elif payload["kind"] == "track_ended":
+            detail = f"after {payload['estimates']} estimates"
         else:
             detail = f"{payload['stage']}: {payload['message']}"
-        return f"{when} event {payload['kind']}: {detail}"
+        return f"{when} {who}event {payload['kind']}: {detail}"
     if kind == "status":
         lat = payload["latency_ms"]
         return (f"{when} status {payload['state']}  {payload['rates_hz']['estimates']:.1f}/s  "
                 f"latency={'-' if lat is None else format(lat['mean'], '.0f') + ' ms'}"
                 + (f"  ({'; '.join(payload['reasons'])})" if payload["reasons"] else ""))
     return f"{when} reason {payload['request_id']}{' (final)' if payload['final'] else ''}: {payload['text']}"
+
+
+def _person(face_id: int | None) -> str:
+    return "scene" if face_id is None else f"face-{face_id}"
 
 
 class _Sequence:
@@ -117,7 +126,7 @@ class _Sequence:
 
 
 def listen(endpoint: str = "tcp://127.0.0.1:5555", count: int | None = None, timeout: float | None = None, *,
-           topics: tuple = (ALL_V1,), show_status: bool = False, out: TextIO | None = None,
+           topics: tuple = (ALL,), show_status: bool = False, out: TextIO | None = None,
            err: TextIO | None = None, context=None, keys: ClientKeys | None = None,
            as_json: bool = False) -> ListenResult:
     """Subscribe to ``endpoint``; stop after ``count`` estimates, ``timeout`` seconds (None: no limit), or when
@@ -174,12 +183,13 @@ def _one(frames: list[bytes], result: ListenResult, seqs: _Sequence, show_status
         print(f"INVALID {topic}: " + "; ".join(problems[:5]), file=err)
         return
     seqs.see(topic, header)
-    if topic.endswith(".estimate"):
+    kind = kind_of(topic)
+    if kind == "estimate":
         result.estimates += 1
-    if topic.endswith(".status") and payload["state"] == "stopped":
+    if kind == "status" and payload["state"] == "stopped":
         result.stopped = True
         print(f"note: the runtime stopped (stream {header['stream_id']})", file=err)
-    if show_status or not topic.endswith(".status"):
+    if show_status or kind != "status":
         line = (dumps({"topic": topic, "header": header, "payload": payload}).decode() if as_json
                 else format_message(topic, header, payload))
         print(line, file=out, flush=True)
@@ -265,10 +275,12 @@ class Record:
     clock_monotonic_ns: int | None = None
     clock_utc: str | None = None
     gap: int = 0
+    source: str | None = None       # estimates and events: the source they are about
+    face_id: int | None = None      # ... and the tracked person (None: the scene, or status/reason)
 
     @property
     def kind(self) -> str:
-        return KIND_OF_TOPIC[self.topic]
+        return kind_of(self.topic)
 
     def utc(self, t_ns: int) -> datetime:
         """The UTC time of monotonic time ``t_ns`` of the publishing host, through the header's clock anchor."""
@@ -311,6 +323,7 @@ class Estimate(Record):
     presence: Presence
     timings_ms: Mapping[str, float]
     latency_ms: float
+    box: tuple[int, int, int, int] | None = None   # the person's face box (x, y, w, h); None for the scene
     subtitle: str = ""
     spans: Mapping[str, Mapping] = field(default_factory=dict)
 
@@ -324,7 +337,8 @@ class Estimate(Record):
 @dataclass(frozen=True, kw_only=True)
 class Event(Record):
     """``kind``-specific fields are None where they do not apply: ``dominant_changed`` (previous, current,
-    probability), ``presence_changed`` (modality, present), ``error`` (stage, message)."""
+    probability), ``presence_changed`` (modality, present), ``track_started`` (box), ``track_ended``
+    (last_seen_ns, estimates), ``error`` (stage, message)."""
     event: str
     t_ns: int
     previous: str | None = None
@@ -332,6 +346,9 @@ class Event(Record):
     probability: float | None = None
     modality: str | None = None
     present: bool | None = None
+    box: tuple[int, int, int, int] | None = None
+    last_seen_ns: int | None = None
+    estimates: int | None = None
     stage: str | None = None
     message: str | None = None
 
@@ -347,6 +364,7 @@ class Status(Record):
     counters: Mapping[str, int]
     last_error: Mapping | None
     last_estimate_seq: int | None
+    tracks: tuple[Mapping, ...] = ()   # the live streams: source, face_id, box, dominant, rate_hz, ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -365,7 +383,8 @@ def _header_fields(topic: str, head: dict | None, gap: int) -> dict:
     window = head.get("window") or {}
     return {"topic": topic, "seq": head["seq"], "stream_id": head["stream_id"], "publish_ns": head["publish_ns"],
             "t0_ns": window.get("t0_ns"), "t1_ns": window.get("t1_ns"),
-            "clock_monotonic_ns": head["clock"]["monotonic_ns"], "clock_utc": head["clock"]["utc"], "gap": gap}
+            "clock_monotonic_ns": head["clock"]["monotonic_ns"], "clock_utc": head["clock"]["utc"], "gap": gap,
+            "source": head.get("source"), "face_id": head.get("face_id")}
 
 
 def _estimate(common: dict, p: dict) -> Estimate:
@@ -375,15 +394,19 @@ def _estimate(common: dict, p: dict) -> Estimate:
                     dominant_label=dom["label"], dominant_probability=dom["probability"],
                     dominant_since_ns=dom["since_ns"], smoothing=p["smoothing"],
                     presence=Presence.from_payload(p["presence"]), timings_ms=dict(p["timings_ms"]),
-                    latency_ms=p["latency_ms"], subtitle=p.get("subtitle", ""), spans=dict(p.get("spans", {})))
+                    latency_ms=p["latency_ms"], box=None if p.get("box") is None else tuple(p["box"]),
+                    subtitle=p.get("subtitle", ""), spans=dict(p.get("spans", {})))
 
 
 def _event(common: dict, p: dict) -> Event:
-    return Event(**common, event=p["kind"], **{k: v for k, v in p.items() if k != "kind"})
+    fields = {k: v for k, v in p.items() if k != "kind"}
+    if fields.get("box") is not None:
+        fields["box"] = tuple(fields["box"])
+    return Event(**common, event=p["kind"], **fields)
 
 
 def _status(common: dict, p: dict) -> Status:
-    return Status(**common, **{**p, "reasons": tuple(p["reasons"])})
+    return Status(**common, **{**p, "reasons": tuple(p["reasons"]), "tracks": tuple(p.get("tracks", ()))})
 
 
 def _reason(common: dict, p: dict) -> Reason:
@@ -399,9 +422,9 @@ def from_message(topic: str, header: dict | None, payload: dict, *, validate: bo
 
     ``validate``: check it against the wire schema first (InputError listing what is wrong). ``header`` None:
     a payload without its header (the control verb ``status``), checked against the payload's definition."""
-    kind = KIND_OF_TOPIC.get(topic)
+    kind = kind_of(topic)
     if kind is None:
-        raise InputError(f"unknown topic {topic!r}: expected one of {sorted(KIND_OF_TOPIC)}")
+        raise InputError(f"unknown topic {topic!r}: expected a topic under {sorted(TOPICS.values())}")
     if validate:
         problems = (message_errors(topic, header, payload) if header is not None
                     else schema_errors(kind, payload))
@@ -429,8 +452,9 @@ class SubscriberCounts:
 
 
 def subscription_prefixes(topics) -> tuple[str, ...]:
-    """Kinds (``estimate``, ``event``, ``reason``, ``status``), full topic names or prefixes (``emollama.v1.``)
-    -> the prefixes to subscribe to."""
+    """Kinds (``estimate``, ``event``, ``reason``, ``status``), full topic names or prefixes (``emollama.v2.``,
+    ``emollama.v2.estimate.<source>.``, ``emollama.v2.estimate.<source>.face-<id>.``) -> the prefixes to
+    subscribe to."""
     if isinstance(topics, str):
         topics = (topics,)
     out = []
@@ -441,7 +465,7 @@ def subscription_prefixes(topics) -> tuple[str, ...]:
             out.append(topic)
         else:
             raise InputError(f"cannot subscribe to {topic!r}{did_you_mean(topic, TOPICS)}: use a kind "
-                             f"{sorted(TOPICS)}, a topic name or a prefix such as {ALL_V1!r}")
+                             f"{sorted(TOPICS)}, a topic name or a prefix such as {ALL!r}")
     if not out:
         raise InputError(f"no topics to subscribe to: give at least one of {sorted(TOPICS)}")
     return tuple(out)

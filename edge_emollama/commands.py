@@ -18,7 +18,7 @@ from .client import explain, listen
 from .config import Config, RuntimeConfig
 from .errors import ConfigError, InputError
 from .manifest import MANIFEST, Artifacts, load_artifacts
-from .protocol import ALL_V1
+from .protocol import ALL
 from .security import ClientKeys, load_client_keys, write_keys
 from .runtime.pipeline import Pipeline
 
@@ -87,7 +87,7 @@ def sources_of(args, runtime: RuntimeConfig):
     """The sources to open: as configured, and a camera given on the command line brings the default
     microphone unless --no-mic (or --mic) says otherwise."""
     sources = runtime.sources
-    if sources.camera is not None and sources.microphone is None and not args.no_mic and _given(
+    if sources.camera and sources.microphone is None and not args.no_mic and _given(
             args, "runtime.sources.camera"):
         sources = dataclasses.replace(sources, microphone="default")
     return sources
@@ -118,7 +118,7 @@ def client_keys(args, cfg: Config) -> ClientKeys | None:
 def cmd_listen(args, cfg: Config) -> int:
     """Exit status: 0 fine, 1 some message did not validate, 2 nothing arrived before the timeout."""
     keys = client_keys(args, cfg)
-    result = listen(cfg.runtime.publish.endpoint, args.count, args.timeout, topics=tuple(args.topic or (ALL_V1,)),
+    result = listen(cfg.runtime.publish.endpoint, args.count, args.timeout, topics=tuple(args.topic or (ALL,)),
                     show_status=args.status, keys=keys, as_json=args.json)
     if result.invalid:
         return 1
@@ -181,7 +181,7 @@ def cmd_demo(args, cfg: Config) -> int:
         log.info("writing a %g s sample clip (a drawn face and a voice) to %s", args.seconds, clip)
         write_sample_clip(clip, seconds=args.seconds)
     runtime = cfg.runtime
-    runtime.artifacts, runtime.sources.video = args.artifacts, str(clip)
+    runtime.artifacts, runtime.sources.video = args.artifacts, [str(clip)]
     print(_demo_header(runtime, clip), file=sys.stderr, flush=True)
     code = run_pipeline(runtime, load_artifacts(args.artifacts))
     print(_demo_next_steps(runtime), file=sys.stderr)

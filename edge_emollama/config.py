@@ -144,11 +144,29 @@ class ExportConfig:
 # --- runtime ------------------------------------------------------------------------------------------------
 @dataclass
 class SourcesConfig:
-    """What to capture: at least one of camera, microphone, video (the CLI's --camera/--mic/--video)."""
-    camera: str | None = None       # index, /dev/videoN or stream URL
+    """What to capture: at least one camera, microphone or video (the CLI's --camera/--mic/--video).
+
+    ``camera`` and ``video`` are lists (a single value is taken as a list of one); an entry may name its
+    source, ``NAME=TARGET`` (``lobby=clip.mp4``); otherwise the name comes from the argument (runtime/capture.py).
+    Each video file is a source with its own audio; the microphone goes with the first camera, or is a source of
+    its own without one."""
+    camera: list = field(default_factory=list)      # index, /dev/videoN or stream URL, each [NAME=]...
     microphone: str | None = None   # PyAudio device index or name; "default" for the default input
-    video: str | None = None        # a file with video and/or audio
+    video: list = field(default_factory=list)       # files with video and/or audio, each [NAME=]PATH
     realtime: bool = True           # a file is paced like a live source (false: as fast as possible, nothing lost)
+
+    def __post_init__(self):
+        self.camera, self.video = _as_list(self.camera), _as_list(self.video)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.camera or self.video or self.microphone)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
 
 
 @dataclass
@@ -198,6 +216,21 @@ class FaceConfig:
 
     def validate(self) -> "FaceConfig":
         _choice("runtime.faces.detector", self.detector, FACE_DETECTORS)
+        return self
+
+
+@dataclass
+class TrackConfig:
+    """Stable ids for the faces of a source (runtime/tracks.py); a person who comes back gets a new id."""
+    match_iou: float = 0.3          # a face continues a track when their boxes overlap at least this much (IoU)
+    match_shift: float = 0.5        # ... or its centre (its landmarks, when both have them) moved at most this
+                                    # fraction of the track's box size since the track's last frame
+    end_after_s: float = 1.0        # a track not seen for this long ends (track_ended)
+
+    def validate(self) -> "TrackConfig":
+        if not (0.0 < self.match_iou <= 1.0 and self.match_shift >= 0.0 and self.end_after_s > 0.0):
+            raise ConfigError(f"runtime.tracks: match_iou = {self.match_iou} must be in (0, 1], match_shift = "
+                              f"{self.match_shift} >= 0 and end_after_s = {self.end_after_s} > 0")
         return self
 
 
@@ -354,7 +387,9 @@ class RuntimeConfig:
     camera: CameraConfig = field(default_factory=CameraConfig)
     microphone: MicrophoneConfig = field(default_factory=MicrophoneConfig)
     file: FileConfig = field(default_factory=FileConfig)
+    max_faces: int = 4              # people estimated per source and window, the largest first
     faces: FaceConfig = field(default_factory=FaceConfig)
+    tracks: TrackConfig = field(default_factory=TrackConfig)
     windows: WindowConfig = field(default_factory=WindowConfig)
     asr: AsrConfig = field(default_factory=AsrConfig)
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
@@ -373,7 +408,10 @@ class RuntimeConfig:
             if name not in LINKS or not isinstance(endpoint, str) or "://" not in endpoint:
                 raise ConfigError(f"runtime.links: {name}={endpoint!r} is not a link (--link NAME=ENDPOINT, NAME one "
                                   f"of {', '.join(LINKS)}{did_you_mean(name, LINKS)}, ENDPOINT e.g. tcp://HOST:PORT)")
-        for section in (self.faces, self.windows, self.asr, self.encoders, self.llm, self.fusion, self.publish):
+        if not 1 <= self.max_faces <= 16:
+            raise ConfigError(f"runtime.max_faces = {self.max_faces}: use 1 to 16 (each person costs MAE, VideoMAE "
+                              "and an LLM call per window)")
+        for section in (self.faces, self.tracks, self.windows, self.asr, self.encoders, self.llm, self.fusion, self.publish):
             section.validate()
         return self
 
@@ -418,6 +456,8 @@ def _coerce(kind, value, path: str):
         return float(value)
     if base is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)   # camera: 0
+    if base is list and isinstance(value, (str, int)) and not isinstance(value, bool):
+        return [str(value)]   # camera: 0, video: clip.mp4
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"'{path}' must be {base.__name__}, got {value!r}")
     return value

@@ -277,16 +277,44 @@ class Artifacts:
         return np.load(self.root / self.manifest.features.zero_rows)
 
 
+def _export_command(root: Path) -> str:
+    """The ``edge-emollama export`` that makes ``root``, for the error messages, from the folder's name:
+    a checkpoints folder or an emotion-llama one the full preset from the user's checkpoints, tiny or mid
+    their preset, any other name the full preset or tiny to try."""
+    name = root.name.lower().replace("_", "-")
+    words = set(name.split("-"))
+    if words & {"checkpoints", "checkpoint", "ckpt"}:
+        return f"'edge-emollama export --preset emotion-llama --checkpoints {root}' (it writes artifacts/emotion-llama)"
+    full = (f"'edge-emollama export --preset emotion-llama --checkpoints DIR --out {root}' (DIR: your checkpoints, "
+            "docs/checkpoints.md)")
+    if "emotion-llama" in name or "emotionllama" in words:
+        return full
+    for preset in ("tiny", "mid"):   # seeded random weights, no checkpoints
+        if preset in words:
+            return f"'edge-emollama export --preset {preset} --out {root}'"
+    return f"{full}, or 'edge-emollama export --preset tiny --out {root}' (untrained, for a quick try)"
+
+
+def _holds_checkpoints(root: Path) -> bool:
+    """Whether ``root`` looks like a checkpoints folder (docs/checkpoints.md's names) rather than an export."""
+    return any((root / name).exists() for name in ("Llama-2-7b-chat-hf", "eva_vit_g.pth", "Emoation_LLaMA.pth",
+                                                    "Emotion_LLaMA.pth", "chinese-hubert-large"))
+
+
 def load_artifacts(root: str | os.PathLike, verify: bool = True) -> Artifacts:
     """The one reader of an exported folder: parse the manifest, check every file (unless ``verify=False``)."""
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
-        raise ArtifactError(f"artifact folder {root} does not exist: export one there first "
-                            f"('edge-emollama export --out {root}'), or point --artifacts at an exported folder")
+        raise ArtifactError(f"artifact folder {root} is missing (it does not exist): export with "
+                            f"{_export_command(root)}, or point --artifacts at an exported folder")
+    if not path.is_file() and _holds_checkpoints(root):
+        raise ArtifactError(f"{root} holds checkpoints, not an export (no {MANIFEST}): export them with "
+                            f"'edge-emollama export --preset emotion-llama --checkpoints {root}', then point "
+                            "--artifacts at what it writes (artifacts/emotion-llama)")
     if not path.is_file():
-        raise ArtifactError(f"{root} holds no {MANIFEST}: it is not a finished export. Run "
-                            f"'edge-emollama export --out {root}' (an interrupted export leaves no manifest).")
+        raise ArtifactError(f"{root} holds no {MANIFEST}: it is not a finished export (an interrupted export "
+                            f"leaves no manifest). Export it with {_export_command(root)}")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -1,12 +1,17 @@
-"""The wire protocol, version 1 (docs/protocol.md): topics, header, frames, schema validation, socket policy.
+"""The wire protocol, version 2 (docs/protocol.md): topics, header, frames, schema validation, socket policy.
 
 What a subscriber or a control client can rely on, in one place; the runtime's publisher and control
 socket and the client (edge_emollama/client.py) all use it.
 
 - Messages are three frames ``[topic, header, payload]``; header and payload are strict JSON
-  (``allow_nan=False``). Topics are dotted and versioned, and none is a prefix of another (:data:`TOPICS`).
+  (``allow_nan=False``). Topics are dotted, versioned and end with a dot, so a prefix subscription never
+  matches more than meant: ``emollama.v2.estimate.`` every estimate, ``emollama.v2.estimate.<source>.`` one
+  source's, ``emollama.v2.estimate.<source>.face-<id>.`` one person's (``scene`` instead of ``face-<id>``:
+  the source's estimate while nobody is tracked). Events follow the same pattern; status and reason are
+  one topic each (:func:`topic_of`, :func:`kind_of`).
 - The header carries the schema name and version, a per-topic ``seq``, the run's ``stream_id``, the capture
-  window in monotonic ns, ``publish_ns`` and the run's UTC clock anchor (:func:`header`).
+  window in monotonic ns, ``publish_ns``, the run's UTC clock anchor and, for estimates and events, the
+  ``source`` and ``face_id`` they are about (:func:`header`).
 - ``edge_emollama/schema/estimate.schema.json`` (JSON Schema 2020-12) describes every message and the control
   replies; :func:`message_errors` validates one.
 - Sockets bind loopback by default and set ZMTP heartbeats; beyond loopback only with CURVE (the keys and the
@@ -17,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,23 +31,52 @@ from .errors import ConfigError, InputError
 from .lazy import require
 from .security import ALLOW_CLIENTS, Security, security_of, serve_curve
 
-__all__ = ["TOPICS", "ALL_V1", "SCHEMA_VERSION", "SCHEMA_PATH", "dumps", "header", "encode_message",
+__all__ = ["TOPICS", "ALL", "DEFAULT_SOURCE", "SCHEMA_VERSION", "SCHEMA_PATH", "topic_of", "kind_of", "check_source_name",
+           "dumps", "header", "encode_message",
            "decode_message", "load_schema", "schema_errors", "message_errors", "set_heartbeats", "bind_socket",
            "check_loopback", "is_loopback"]
 
 log = logging.getLogger(__name__)
 
-TOPICS = {
-    "estimate": "emollama.v1.estimate",
-    "status": "emollama.v1.status",
-    "event": "emollama.v1.event",
-    "reason": "emollama.v1.reason",
-}
-ALL_V1 = "emollama.v1."            # subscribe to this (trailing dot) for every topic of version 1
+ALL = "emollama.v2."               # subscribe to this for every topic of version 2
+TOPICS = {kind: f"{ALL}{kind}." for kind in ("estimate", "status", "event", "reason")}   # each kind's prefix
+PER_PERSON = ("estimate", "event")  # kinds whose topic names the source and the person
+SCENE = "scene"                     # the topic part of a source's estimate while nobody is tracked
+DEFAULT_SOURCE = "default"          # the source name of messages that were given none
 SCHEMA_NAMES = {kind: f"emollama.{kind}" for kind in TOPICS}
-SCHEMA_VERSION = "1.1.0"
+SCHEMA_VERSION = "2.0.0"
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema" / "estimate.schema.json"
-KIND_OF_TOPIC = {topic: kind for kind, topic in TOPICS.items()}
+SOURCE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_source_name(name: str) -> str:
+    """``name`` when it can be a topic part (letters, digits, ``_``, ``-``); ConfigError otherwise."""
+    if not isinstance(name, str) or not SOURCE_NAME.match(name):
+        raise ConfigError(f"source name {name!r}: use 1-64 letters, digits, '_' or '-' (it becomes part of the "
+                          "topic), e.g. --video lobby=clip.mp4")
+    return name
+
+
+def topic_of(kind: str, source: str | None = None, face_id: int | None = None) -> str:
+    """The topic of a ``kind`` message; estimates and events name their source and person."""
+    if kind not in PER_PERSON:
+        return TOPICS[kind]
+    person = SCENE if face_id is None else f"face-{int(face_id)}"
+    return f"{TOPICS[kind]}{check_source_name(source)}.{person}."
+
+
+def kind_of(topic: str) -> str | None:
+    """The kind of a topic of this version (None for anything else)."""
+    for kind, prefix in TOPICS.items():
+        if topic == prefix or (kind in PER_PERSON and topic.startswith(prefix) and _person_topic(topic[len(prefix):])):
+            return kind
+    return None
+
+
+def _person_topic(rest: str) -> bool:
+    parts = rest.split(".")
+    return (len(parts) == 3 and parts[2] == "" and bool(SOURCE_NAME.match(parts[0]))
+            and (parts[1] == SCENE or re.fullmatch(r"face-[0-9]+", parts[1]) is not None))
 
 
 def dumps(obj) -> bytes:
@@ -49,18 +84,24 @@ def dumps(obj) -> bytes:
     return json.dumps(obj, allow_nan=False, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def header(kind: str, stream_id: str, seq: int, window, publish_ns: int, clock: dict) -> dict:
-    """The header of a ``kind`` message; ``window`` is ``(t0_ns, t1_ns)`` or None, ``clock`` the run's anchor."""
-    return {
-        "schema": SCHEMA_NAMES[kind], "schema_version": SCHEMA_VERSION, "topic": TOPICS[kind],
+def header(kind: str, stream_id: str, seq: int, window, publish_ns: int, clock: dict,
+           source: str | None = None, face_id: int | None = None) -> dict:
+    """The header of a ``kind`` message; ``window`` is ``(t0_ns, t1_ns)`` or None, ``clock`` the run's anchor;
+    estimates and events carry their ``source`` and ``face_id`` (None: the scene, nobody tracked)."""
+    head = {
+        "schema": SCHEMA_NAMES[kind], "schema_version": SCHEMA_VERSION, "topic": topic_of(kind, source, face_id),
         "stream_id": stream_id, "seq": seq,
         "window": None if window is None else {"t0_ns": int(window[0]), "t1_ns": int(window[1])},
         "publish_ns": publish_ns, "clock": clock,
     }
+    if kind in PER_PERSON:
+        head.update(source=source, face_id=None if face_id is None else int(face_id))
+    return head
 
 
-def encode_message(kind: str, head: dict, payload: dict) -> list:
-    return [TOPICS[kind].encode(), dumps(head), dumps(payload)]
+def encode_message(head: dict, payload: dict) -> list:
+    """The three frames of a message whose header :func:`header` made (the topic is the header's)."""
+    return [head["topic"].encode(), dumps(head), dumps(payload)]
 
 
 def decode_message(frames: list) -> tuple:
@@ -103,10 +144,14 @@ def schema_errors(definition: str, instance) -> list:
 
 def message_errors(topic: str, head, payload) -> list:
     """Why ``[topic, header, payload]`` does not follow the schema (empty when it does)."""
-    kind = KIND_OF_TOPIC.get(topic)
+    kind = kind_of(topic)
     if kind is None:
-        return [f"unknown topic {topic!r}: expected one of {sorted(KIND_OF_TOPIC)}"]
+        return [f"unknown topic {topic!r}: expected a topic under {sorted(TOPICS.values())}"]
     out = schema_errors(f"{kind}_message", {"topic": topic, "header": head, "payload": payload})
+    if not out and isinstance(head, dict) and head.get("topic") != topic:
+        out.append(f"header/topic: {head.get('topic')!r} differs from the message's topic {topic!r}")
+    if not out and kind in PER_PERSON and topic != topic_of(kind, head["source"], head["face_id"]):
+        out.append(f"topic {topic!r} does not name the header's source and face_id")
     if kind == "estimate" and not out:
         out += [f"payload/{key}: sums to {sum(payload[key])!r}, not 1" for key in ("probabilities", "smoothed")
                 if abs(sum(payload[key]) - 1.0) > 1e-6]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..manifest import ArtifactFile, describe_file
+from ..progress import Steps
 from ..spec import ModelSpec
 
 log = logging.getLogger("edge_emollama.export")
@@ -26,6 +27,7 @@ class ExportContext:
     checks: dict = field(default_factory=dict)      # step -> quick validation figures
     skipped: dict = field(default_factory=dict)     # format -> reason
     timings: dict = field(default_factory=dict)     # step -> seconds
+    progress: Steps = field(default_factory=lambda: Steps(0, "export", enabled=False))   # the numbered steps
 
     def add(self, path: Path, **kind) -> ArtifactFile:
         entry = describe_file(self.staging, path, **kind)
@@ -37,22 +39,34 @@ class ExportContext:
 
 
 class StepTimer:
-    """Logs one export step's time and the size of what it wrote."""
+    """One export step: numbered on stderr with its time and the size of what it wrote (``ctx.progress``),
+    logged, and timed into ``ctx.timings`` (the manifest's ``timings_s``). An exception goes on unchanged."""
 
     def __init__(self, ctx: ExportContext, name: str):
         self.ctx, self.name = ctx, name
 
     def __enter__(self):
         self.start, self.count = time.perf_counter(), len(self.ctx.entries)
-        log.info("[%s] started", self.name)
+        self.step = self.ctx.progress.step(self.name).__enter__()
+        log.log(self._level(), "[%s] started", self.name)
         return self
+
+    def bar(self, total, label: str, unit: str = "it"):
+        """A byte or tensor bar inside this step (shown when the step takes a while)."""
+        return self.ctx.progress.bar(total, label, unit)
+
+    def _level(self) -> int:
+        """DEBUG while the progress lines say as much on the console (the --log file keeps it), else INFO."""
+        return logging.DEBUG if self.ctx.progress.enabled else logging.INFO
 
     def __exit__(self, kind, value, tb):
         seconds = time.perf_counter() - self.start
         self.ctx.timings[self.name] = round(seconds, 3)
         written = sum(e.bytes for e in self.ctx.entries[self.count:])
+        self.step.note = human_bytes(written) if written else None
+        self.step.__exit__(kind, value, tb)
         if kind is None:
-            log.info("[%s] done in %.2f s, %s written", self.name, seconds, human_bytes(written))
+            log.log(self._level(), "[%s] done in %.2f s, %s written", self.name, seconds, human_bytes(written))
         else:
             log.error("[%s] failed after %.2f s: %s", self.name, seconds, value)
         return False

@@ -95,16 +95,17 @@ def run_gguf(ctx: ExportContext) -> None:
     folder = ctx.staging / "gguf"
     folder.mkdir(exist_ok=True)
     f16 = folder / "llm.F16.gguf"
-    with StepTimer(ctx, "gguf F16"):
+    with StepTimer(ctx, "gguf F16") as step:
         state = {k: v.detach().cpu().float().numpy() if ctx.spec.llama.hidden < 1024 else v.detach().cpu().numpy()
                  for k, v in ctx.reference.llama_model.state_dict().items()}
-        write_llama_gguf(f16, state, ctx.spec.llama, ctx.vocab, _metadata(ctx, lora_merged=True), ftype="f16")
+        write_llama_gguf(f16, state, ctx.spec.llama, ctx.vocab, _metadata(ctx, lora_merged=True), ftype="f16",
+                         bar=step.bar)
         del state
         ctx.add(f16, format="gguf", quant="F16")
     ggufs = {"F16": f16}
     for qtype in ctx.cfg.export.quant:
-        with StepTimer(ctx, f"gguf {qtype}"):
-            path = quantize_gguf(f16, folder / f"llm.{qtype}.gguf", qtype)
+        with StepTimer(ctx, f"gguf {qtype}") as step:
+            path = quantize_gguf(f16, folder / f"llm.{qtype}.gguf", qtype, bar=step.bar)
             ctx.add(path, format="gguf", quant=qtype)
             ggufs[qtype] = path
     with StepTimer(ctx, "gguf check"):
@@ -128,6 +129,14 @@ FORMATS = (
                  'pip install gguf llama-cpp-python==0.3.36'),
 )
 FORMAT_NAMES = tuple(f.name for f in FORMATS)
+FACE_NETS = ("pnet", "rnet", "onet")   # MTCNN's three networks (face_detector.load_nets)
+
+
+def step_count(fmt: ExportFormat, cfg) -> int:
+    """How many numbered steps (StepTimer) ``fmt.run`` reports: the progress counter's share of ``fmt``."""
+    per_branch = len(BRANCHES)
+    return {"faces": len(FACE_NETS), "onnx": per_branch, "onnx-fp16": per_branch, "tensorrt": per_branch,
+            "gguf": 1 + len(cfg.export.quant) + 1}.get(fmt.name, 1)   # gguf: F16, each quantization, the check
 
 
 # packages used only for the files they ship: looked up, never imported (facenet-pytorch's __init__ needs

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..lazy import require
+from ..progress import Progress
 from ..spec import LlamaSpec
 from ..vocab import Vocab
 
@@ -157,12 +158,47 @@ def _add_metadata(writer, metadata: dict) -> None:
         writer.add_key_value(METADATA_PREFIX + str(key), value, vtype)
 
 
+def no_bar(total, label: str, unit: str = "it") -> Progress:
+    """A progress bar that shows nothing (the default of the writers' ``bar``)."""
+    return Progress(total, label, unit, enabled=False)
+
+
+class _Written:
+    """Where the bytes of the tensors GGUFWriter writes are counted: ``bar`` (a Progress), once it is set."""
+
+    def __init__(self):
+        self.bar, self.total = None, 0
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+
+class _Reported(np.ndarray):
+    """A tensor (a view, no copy) that counts its bytes when GGUFWriter writes it (``tofile``, once each)."""
+
+    written = None   # the _Written of its file
+
+    def tofile(self, fid, *args, **kwargs):
+        np.asarray(self).tofile(fid, *args, **kwargs)
+        if self.written is not None:
+            self.written.update(self.nbytes)
+
+
+def _reported(tensor: np.ndarray, written: _Written) -> np.ndarray:
+    view = tensor.view(_Reported)
+    view.written = written
+    written.total += tensor.nbytes
+    return view
+
+
 def write_llama_gguf(path: str | os.PathLike, state_dict: dict, spec: LlamaSpec, vocab: Vocab,
-                     metadata: dict, ftype: str = "f16") -> Path:
+                     metadata: dict, ftype: str = "f16", bar=no_bar) -> Path:
     """Write HF-named float32 LLaMA weights as a llama.cpp GGUF (norms f32, matrices ``ftype``), atomically.
 
     Tied embeddings (``lm_head.weight`` sharing memory with ``model.embed_tokens.weight``, as a tied HF
     model's state dict has them) are written once, without ``output.weight``, as llama.cpp expects.
+    ``bar(total, label, unit)`` gives the progress bars: tensors converted, then bytes written.
     """
     gguf = require("gguf")
     if ftype not in FTYPES:
@@ -180,17 +216,21 @@ def write_llama_gguf(path: str | os.PathLike, state_dict: dict, spec: LlamaSpec,
         add_vocab_metadata(writer, vocab)
         _add_metadata(writer, metadata)
         tied = np.shares_memory(state_dict["lm_head.weight"], state_dict["model.embed_tokens.weight"])
-        for hf, cpp in tensor_names(spec).items():
-            if tied and hf == "lm_head.weight":
-                continue
-            w = np.asarray(state_dict[hf], dtype=np.float32)
-            n_head = _n_head_for(hf, spec)
-            w = _permute(w, n_head) if n_head else w
-            dtype = np.float16 if ftype == "f16" and w.ndim == 2 else np.float32
-            writer.add_tensor(cpp, np.ascontiguousarray(w, dtype=dtype))
+        names = {hf: cpp for hf, cpp in tensor_names(spec).items() if not (tied and hf == "lm_head.weight")}
+        written = _Written()
+        with bar(len(names), "converting", "tensors") as converted:
+            for hf, cpp in names.items():
+                w = np.asarray(state_dict[hf], dtype=np.float32)
+                n_head = _n_head_for(hf, spec)
+                w = _permute(w, n_head) if n_head else w
+                dtype = np.float16 if ftype == "f16" and w.ndim == 2 else np.float32
+                writer.add_tensor(cpp, _reported(np.ascontiguousarray(w, dtype=dtype), written))
+                converted.update(1)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        with bar(written.total, "writing", "B") as bytes_bar:
+            written.bar = bytes_bar
+            writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
     except BaseException:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from ..errors import ArtifactError, ConfigError, OutputError
 from ..lazy import require
+from ..progress import Progress
 from ..vocab import quiet_llama_cpp
 
 __all__ = ["quantize_gguf", "QTYPES"]
@@ -25,11 +27,21 @@ QTYPES = {
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
     "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
 }
+# bits per weight of each type (llama.cpp's figures): the progress bar's estimate of the file's size
+BITS = {"Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.7, "Q4_K_M": 4.9, "Q4_0": 4.5, "Q4_1": 5.0}
+POLL_S = 0.5   # how often the growing output file is looked at for the progress bar
+
+
+def no_bar(total, label: str, unit: str = "it") -> Progress:
+    return Progress(total, label, unit, enabled=False)
 
 
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_threads: int = 0,
-                  verbose: bool = False) -> Path:
-    """Write ``src`` quantized to ``qtype`` (one of QTYPES) at ``dst``; n_threads 0 = all cores."""
+                  verbose: bool = False, bar=no_bar) -> Path:
+    """Write ``src`` quantized to ``qtype`` (one of QTYPES) at ``dst``; n_threads 0 = all cores.
+
+    ``bar(total, label, unit)`` gives a progress bar over the bytes written (llama.cpp writes tensor after
+    tensor; the total is an estimate from the F16 file's size)."""
     if qtype not in QTYPES:
         raise ConfigError(f"unknown quantization '{qtype}': use one of {sorted(QTYPES)}")
     lc = require("llama_cpp")
@@ -46,7 +58,9 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name + ".", suffix=".partial")
     os.close(fd)
     try:
-        rc = lc.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
+        with bar(int(src.stat().st_size * BITS[qtype] / 16), "quantizing", "B") as written, \
+                _Watch(Path(tmp), written):
+            rc = lc.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params))
         if rc != 0:
             raise ArtifactError(f"llama.cpp could not quantize {src} to {qtype} (code {rc}); "
                                 "run with verbose=True to see its log")
@@ -54,3 +68,37 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, n_
     finally:
         Path(tmp).unlink(missing_ok=True)
     return dst
+
+
+class _Watch:
+    """While llama.cpp quantizes (one C call), a thread reports how far the output file has grown."""
+
+    def __init__(self, path: Path, bar: Progress):
+        self.path, self.bar, self.seen = path, bar, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="quantize-progress", daemon=True)
+
+    def __enter__(self):
+        if self.bar.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._poll()
+        return False
+
+    def _run(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            size = self.path.stat().st_size
+        except OSError:   # not there yet, or already renamed
+            return
+        if size > self.seen:
+            self.bar.update(size - self.seen)
+            self.seen = size

@@ -10,8 +10,8 @@ Two detectors, chosen by ``runtime.faces.detector`` (:func:`make_detector`):
   ``cv2.data.haarcascades``; OpenCV 5 ships none). Boxes only (``landmarks`` is None).
 
 Both run on a copy scaled down to ``detect_width`` pixels and return faces in full-frame pixels, largest
-first. Windows overlap, so :class:`FaceCache` keeps each frame's largest face (keyed by its capture time) and
-every window covering that frame reuses it.
+first. Windows overlap, so :class:`FaceCache` keeps each frame's faces with their track ids (keyed by its
+capture time) and every window covering that frame reuses them.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..config import FaceConfig
 from ..errors import ArtifactError, ConfigError, InputError, MissingDependencyError
 from ..lazy import require
 from ..manifest import Artifacts
+from .tracks import Tracker
 
 __all__ = ["FaceBox", "Face", "HaarDetector", "MtcnnDetector", "FaceCache", "make_detector",
            "crop_square"]
@@ -352,12 +353,16 @@ def make_detector(artifacts: Artifacts | None, options: FaceConfig = FaceConfig(
 
 
 class FaceCache:
-    """Per-frame largest faces keyed by capture time; computed once, reused by overlapping windows."""
+    """Per-frame faces keyed by capture time: detected once (the ``max_faces`` largest), given track ids by
+    ``tracker`` (runtime/tracks.py) in the order frames are first asked for, and reused by every window that
+    covers the frame. ``get`` returns a tuple of ``TrackedFace`` (empty without a face)."""
 
-    def __init__(self, detector, size: int | None = None):
-        self.detector = detector            # HaarDetector | MtcnnDetector (anything with largest(image))
+    def __init__(self, detector, tracker: Tracker | None = None, max_faces: int = 4, size: int | None = None):
+        self.detector = detector            # HaarDetector | MtcnnDetector (anything with detect(image))
+        self.tracker = tracker or Tracker()
+        self.max_faces = max_faces
         self.size = size or detector.options.cache_size
-        self._items: OrderedDict[int, Face | None] = OrderedDict()
+        self._items: OrderedDict[int, tuple] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -366,20 +371,27 @@ class FaceCache:
         with self._lock:
             return t_ns in self._items
 
-    def get(self, t_ns: int, image: np.ndarray) -> Face | None:
-        """The largest face of the frame captured at ``t_ns`` (detected on first request), or None."""
+    def get(self, t_ns: int, image: np.ndarray) -> tuple:
+        """The tracked faces of the frame captured at ``t_ns`` (detected on first request), largest first."""
         with self._lock:
             if t_ns in self._items:
                 self.hits += 1
                 self._items.move_to_end(t_ns)
                 return self._items[t_ns]
-        face = self.detector.largest(image)
+        faces = self.detector.detect(image)[:self.max_faces]
         with self._lock:
+            if t_ns in self._items:   # another thread detected it meanwhile: its ids stand
+                return self._items[t_ns]
             self.misses += 1
-            self._items[t_ns] = face
+            tracked = self.tracker.update(t_ns, faces)
+            self._items[t_ns] = tracked
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return face
+        return tracked
+
+    def live_ids(self, t_ns: int) -> tuple:
+        with self._lock:
+            return self.tracker.live_ids(t_ns)
 
 
 def crop_square(image: np.ndarray, box: FaceBox, size: int, margin: float = 0.25) -> np.ndarray:

@@ -42,7 +42,7 @@ class FusionEvent:
     fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """The wire form (an ``emollama.v1.event`` payload)."""
+        """The wire form (an ``emollama.v2.event.`` payload)."""
         return {"kind": self.kind, "t_ns": self.t_ns, **self.fields}
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from ..errors import InputError
+from ..protocol import DEFAULT_SOURCE
 from ..spec import ALIGNED_FACE_SIZE
 
 __all__ = ["Presence", "WindowStamp", "WindowItem", "RowsItem", "ScoresItem", "EndOfInput", "encode", "decode"]
@@ -55,6 +56,15 @@ class WindowStamp:
     sent_ns: int = 0            # when the item was handed to its link
     spans: dict = field(default_factory=dict)        # branch -> {t0_ns, t1_ns, frames | coverage}: what it saw
     subtitle: str | None = None                      # the text the prompt used (set by the LLM stage)
+    source: str = DEFAULT_SOURCE                     # the source's name
+    face_id: int | None = None                       # the tracked person (None: the scene, nobody tracked)
+    box: list | None = None                          # the person's last box in the window [x, y, w, h]
+    live_tracks: list = field(default_factory=list)  # the source's live track ids when the window was cut
+
+    @property
+    def stream(self) -> tuple:
+        """(source, face_id): whose estimate stream the item belongs to."""
+        return self.source, self.face_id
 
     def timed(self, sent_ns: int, dropped_here: int = 0, **timings_ms: float) -> "WindowStamp":
         """The stamp for the next link: these timings added, ``dropped_here`` more windows lost (the stage's

@@ -23,6 +23,7 @@ import os
 import socket as stdsocket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,6 +35,7 @@ from ..security import ALLOW_STAGES, Security, connect_curve, security_of, serve
 from .items import EndOfInput, decode, encode
 
 log = logging.getLogger(__name__)
+MAX_STREAMS = 64   # items a keep-newest consumer holds at most: one per estimate stream
 PeerCallback = Callable[[str, int, int], None]    # (link, peers connected now, peers beyond the first that joined)
 
 
@@ -86,11 +88,14 @@ class Producer:
 
 
 class Consumer:
-    """``get(timeout)`` returns the newest item received since the last ``get`` (or None on timeout).
+    """``get(timeout)`` returns, per estimate stream (an item's ``stamp.stream``: source and person), the newest
+    item received since that stream's last one was taken (or None on timeout).
 
-    ``keep_newest=False`` (offline file mode) loses nothing: the drain thread waits until the slot is
-    taken, so the producer meets a full queue and waits. An :class:`EndOfInput` is never replaced: it is
-    returned once the slot is empty.
+    Fair: the stream whose item has waited longest goes first, so when the stage cannot keep up every person
+    gets the same bounded rate (newest window per person wins) and nothing queues beyond one item per stream
+    (at most :data:`MAX_STREAMS`; beyond that the longest-waiting is dropped). ``keep_newest=False`` (offline
+    file mode) loses nothing: the drain thread waits until the slot is taken, so the producer meets a full
+    queue and waits. An :class:`EndOfInput` is never replaced: it is returned once every slot is empty.
     """
 
     def __init__(self, options: LinkOptions, context=None, keep_newest: bool = True, *,
@@ -102,7 +107,8 @@ class Consumer:
         self._socket.setsockopt(zmq.LINGER, 0)
         self.monitor = _attach(self._socket, context, options, not options.bind_producer, security_of(security),
                                on_peers)
-        self._slot, self._end, self._cond, self._stop = None, None, threading.Condition(), threading.Event()
+        self._slots: OrderedDict = OrderedDict()   # stream -> its newest item not yet taken
+        self._end, self._cond, self._stop = None, threading.Condition(), threading.Event()
         self.keep_newest = keep_newest
         self.replaced = 0     # items dropped because a newer one arrived first
         self.error = None
@@ -121,29 +127,35 @@ class Consumer:
                     if isinstance(item, EndOfInput):
                         self._end = item
                     else:
-                        self.replaced += self._slot is not None
-                        self._slot = item
+                        self._hold(item)
                     self._cond.notify_all()
         except Exception as exc:   # kept for the stage, which raises it
             self.error = exc
         finally:
             self._socket.close(0)
 
+    def _hold(self, item) -> None:
+        """Keep ``item`` as its stream's newest (replacing an older one in place: it keeps its turn)."""
+        stream = getattr(getattr(item, "stamp", None), "stream", None)
+        self.replaced += stream in self._slots
+        self._slots[stream] = item
+        while len(self._slots) > MAX_STREAMS:
+            self._slots.popitem(last=False)
+            self.replaced += 1
+
     def _room(self) -> bool:
         if self.keep_newest:
             return True
         with self._cond:
-            if self._slot is not None:
+            if self._slots:
                 self._cond.wait(0.05)
-            return self._slot is None
+            return not self._slots
 
     def get(self, timeout_s: float):
         with self._cond:
-            if self._slot is None and self._end is None:
+            if not self._slots and self._end is None:
                 self._cond.wait(timeout_s)
-            item, self._slot = self._slot, None
-            if item is None:
-                item = self._end
+            item = self._slots.popitem(last=False)[1] if self._slots else self._end
             self._cond.notify_all()
         if item is None and self.error is not None:
             raise self.error

@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from typing import Sequence
 from ..config import HeartbeatConfig, OutputsConfig, SecurityConfig
 from ..errors import InputError
 from ..lazy import require
-from ..protocol import bind_socket, dumps
+from ..protocol import bind_socket, dumps, kind_of
 from .clock import NS_PER_S, ClockAnchor
 
 __all__ = ["Recorder", "LslOutlet", "PsiPublisher", "make_sinks", "close_sinks", "read_recording", "anchor_of",
@@ -34,7 +35,7 @@ LSL_TYPE = "Emotion"
 LSL_NAME = "edge-emollama"
 PARTIAL = ".partial"
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-ESTIMATE_TOPIC = "emollama.v1.estimate"
+MAX_OUTLETS = 64    # LSL outlets open at once (one per estimate stream)
 
 
 # --- the clock anchor of a header ---------------------------------------------------------------------------
@@ -134,39 +135,64 @@ def read_recording(path: str | Path) -> list[dict]:
 
 # --- Lab Streaming Layer ------------------------------------------------------------------------------------
 class LslOutlet:
-    """An LSL outlet of type "Emotion": one float32 channel per label (desc/channels/channel/label, XDF style),
-    nominal rate 1/hop, ``source_id`` the publisher's stream id. Each estimate pushes its ``smoothed``
-    distribution stamped with the window's capture end ``t1_ns / 1e9``: LSL's ``local_clock()`` and the
-    runtime's ``time.monotonic_ns()`` are both CLOCK_MONOTONIC on Linux, so no conversion is needed there."""
+    """One LSL outlet of type "Emotion" per estimate stream (each tracked person of each source, and a source's
+    scene stream), opened at its first estimate: one float32 channel per label (desc/channels/channel/label,
+    XDF style), nominal rate 1/hop, name ``edge-emollama <source> face-<id>``, ``source_id``
+    ``<publisher stream id>/<source>/face-<id>``. Each estimate pushes its ``smoothed`` distribution stamped with
+    the window's capture end ``t1_ns / 1e9``: LSL's ``local_clock()`` and the runtime's
+    ``time.monotonic_ns()`` are both CLOCK_MONOTONIC on Linux, so no conversion is needed there. A person's
+    outlet closes at ``track_ended``; at most :data:`MAX_OUTLETS` are open (the oldest closes first)."""
 
     def __init__(self, labels: Sequence[str], hop_s: float, stream_id: str | None = None, name: str = LSL_NAME):
-        self._pylsl = pylsl = require("pylsl")
-        self.labels = list(labels)
+        self._pylsl = require("pylsl")
+        self.labels, self.hop_s, self.prefix = list(labels), float(hop_s), name
         self.name = "lsl"
         self.source_id = stream_id or str(uuid.uuid4())
-        info = pylsl.StreamInfo(name, LSL_TYPE, len(self.labels), 1.0 / float(hop_s), pylsl.cf_float32,
-                                self.source_id)
+        self._outlets: OrderedDict[tuple, object] = OrderedDict()
+        self._closed = False
+        self.pushed = 0
+
+    def _info(self, source: str, person: str):
+        pylsl = self._pylsl
+        info = pylsl.StreamInfo(f"{self.prefix} {source} {person}", LSL_TYPE, len(self.labels), 1.0 / self.hop_s,
+                                pylsl.cf_float32, f"{self.source_id}/{source}/{person}")
         desc = info.desc()
         desc.append_child_value("manufacturer", "edge-emollama")
+        desc.append_child_value("source", source)
+        desc.append_child_value("person", person)
         channels = desc.append_child("channels")
         for label in self.labels:
             channel = channels.append_child("channel")
             channel.append_child_value("label", label)
             channel.append_child_value("unit", "probability")
             channel.append_child_value("type", LSL_TYPE)
-        self._outlet = pylsl.StreamOutlet(info)
-        self.pushed = 0
+        return info
+
+    def _outlet(self, head: dict):
+        key = (head["source"], head["face_id"])
+        if key not in self._outlets:
+            person = "scene" if key[1] is None else f"face-{key[1]}"
+            self._outlets[key] = self._pylsl.StreamOutlet(self._info(key[0], person))
+            while len(self._outlets) > MAX_OUTLETS:
+                self._outlets.popitem(last=False)   # pylsl destroys an outlet with the object
+        return self._outlets[key]
 
     def __call__(self, topic: str, head: dict, payload: dict) -> None:
-        if topic != ESTIMATE_TOPIC or self._outlet is None:
+        kind = kind_of(topic)
+        if self._closed or kind not in ("estimate", "event"):
+            return
+        if kind == "event":
+            if payload["kind"] == "track_ended":
+                self._outlets.pop((head["source"], head["face_id"]), None)
             return
         if payload["labels"] != self.labels:
             raise InputError(f"the estimate's labels {payload['labels']} are not the LSL outlet's {self.labels}")
-        self._outlet.push_sample([float(p) for p in payload["smoothed"]], head["window"]["t1_ns"] / NS_PER_S)
+        self._outlet(head).push_sample([float(p) for p in payload["smoothed"]], head["window"]["t1_ns"] / NS_PER_S)
         self.pushed += 1
 
     def close(self) -> None:
-        self._outlet = None   # pylsl destroys the outlet with the object
+        self._closed = True
+        self._outlets.clear()
 
 
 # --- Microsoft \psi -----------------------------------------------------------------------------------------
@@ -189,7 +215,7 @@ class PsiPublisher:
     def __call__(self, topic: str, head: dict, payload: dict) -> None:
         if self._socket is None:
             return
-        t_ns = int(head["publish_ns"]) if topic.endswith(".status") else message_time_ns(head, payload)
+        t_ns = int(head["publish_ns"]) if kind_of(topic) == "status" else message_time_ns(head, payload)
         frames = [topic.encode(), dumps({"message": payload, "originatingTime": self._utc_iso(head["clock"], t_ns)})]
         try:
             self._socket.send_multipart(frames, flags=self._zmq.NOBLOCK)

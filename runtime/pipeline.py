@@ -24,13 +24,13 @@ from ..manifest import Artifacts, load_artifacts
 from .capture import Capture
 from .clock import now_ns, run_anchor
 from .control import ControlServer
-from .fusion import Fusion
 from .items import EndOfInput, RowsItem, ScoresItem
 from .link import Consumer, LinkOptions, Producer
 from .outputs import close_sinks, make_sinks
 from .publish import Publisher
 from .reasoning import ReasoningWorker
 from .stages import EncoderStage, LlmStage
+from .streams import StreamBook
 from .windows import WindowPlan
 
 __all__ = ["Pipeline"]
@@ -56,7 +56,7 @@ class Pipeline:
         self.threads, self._closers = [], []
         self.publisher = self.control = self.reasoner = self.capture = None
         self.published = 0
-        offline_file = config.sources.video is not None and not config.sources.realtime
+        offline_file = bool(config.sources.video) and not config.sources.realtime
         self._lossless = offline_file if lossless is None else lossless
         self.links = {name: config.links.get(name) or f"inproc://{name}-{id(self):x}" for name in LINKS}
 
@@ -196,21 +196,25 @@ class Pipeline:
                 self.reasoner.close()
 
     def _publish_loop(self, inbox: Consumer, _outbox, _worker) -> None:
-        fusion, dropped, method = Fusion(self.config.fusion, self.artifacts.manifest.labels), 0, \
-            self.config.fusion.method
+        book, dropped = StreamBook(self.config.fusion, self.artifacts.manifest.labels), 0
         for item in self._items(inbox, None):
             start = time.perf_counter()
-            fused = fusion.update(item.probabilities, item.t0_ns, item.t1_ns, item.presence.flags())
+            fused, track_events = book.update(item, item.probabilities, now_ns())
             lost = item.stamp.dropped + inbox.replaced
             if lost > dropped:
                 self.publisher.tracker.record_dropped_windows(lost - dropped)
                 dropped = lost
+            window = (item.t0_ns, item.t1_ns)
+            for stream, event in track_events:
+                self.publisher.publish_event(event, window, stream)
             timings = {**item.stamp.timings_ms, "queue_publish_ms": (now_ns() - item.stamp.sent_ns) / 1e6,
                        "fusion_ms": (time.perf_counter() - start) * 1000}
-            self.publisher.publish_estimate(fused, item.presence.to_wire(), timings, item.index, method,
-                                            item.stamp.spans, item.stamp.subtitle)
+            self.publisher.publish_estimate(fused, item.presence.to_wire(), timings, item.index,
+                                            self.config.fusion.method, item.stamp.spans, item.stamp.subtitle,
+                                            stream=item.stamp.stream, box=item.stamp.box)
             for event in fused.events:
-                self.publisher.publish_event(event, (item.t0_ns, item.t1_ns))
+                self.publisher.publish_event(event, window, item.stamp.stream)
+            self.publisher.tracker.record_tracks(book.status())
             self.published += 1
             if self.on_estimate is not None:
                 self.on_estimate(fused, item)

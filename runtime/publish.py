@@ -20,13 +20,13 @@ import logging
 import queue
 import threading
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Sequence
 
 from ..config import PublishConfig, SecurityConfig
 from ..errors import ConfigError, InputError
 from ..lazy import require
-from ..protocol import TOPICS, bind_socket, dumps, encode_message, header
+from ..protocol import DEFAULT_SOURCE, PER_PERSON, TOPICS, bind_socket, dumps, encode_message, header
 from ..security import Security, security_of
 from .clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
 from .fusion import FusedEstimate, FusionEvent
@@ -35,18 +35,21 @@ __all__ = ["Publisher", "StatusTracker", "Sink", "estimate_payload"]
 
 log = logging.getLogger(__name__)
 _STOP = object()
+MAX_TOPICS = 1024   # per-topic seq counters kept (one per person and source that was estimated)
 FAULT_S = 60.0   # how long a component's failure keeps the status 'degraded' after it restarted
 Sink = Callable[[str, dict, dict], None]   # sink(topic, header, payload); an optional close() is called at the end
 
 
 def estimate_payload(fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
-                     smoothing: str, spans: dict | None = None, subtitle: str | None = None) -> dict:
+                     smoothing: str, spans: dict | None = None, subtitle: str | None = None,
+                     box: list | None = None) -> dict:
     """The estimate payload of one window (``latency_ms`` is added when sent)."""
     extra = {"spans": spans} if spans else {}
     if subtitle is not None:
         extra["subtitle"] = subtitle
     return {**extra,
         "window_index": int(window_index),
+        "box": None if box is None else [int(v) for v in box],
         "labels": list(fused.labels),
         "probabilities": [float(p) for p in fused.probabilities],
         "smoothed": [float(p) for p in fused.smoothed],
@@ -78,6 +81,7 @@ class StatusTracker:
         self._video_seen = False              # a window had video: its absence later means the camera is lost
         self._recent_drops: deque[int] = deque(maxlen=64)
         self._link_peers: dict[str, int] = {}   # stage link -> peers connected now, while more than one
+        self._tracks: list = []                 # the live estimate streams (runtime/streams.py)
         self._stopped = False
 
     def record_sent(self, kind: str, seq: int, payload: dict, publish_ns: int) -> None:
@@ -129,6 +133,11 @@ class StatusTracker:
             else:
                 self._link_peers.pop(link, None)
 
+    def record_tracks(self, tracks: list) -> None:
+        """The live estimate streams, as runtime/streams.py's StreamBook lists them."""
+        with self._lock:
+            self._tracks = list(tracks)
+
     def mark_stopped(self) -> None:
         with self._lock:
             self._stopped = True
@@ -146,7 +155,7 @@ class StatusTracker:
                                                     "max": round(max(lat), 3)},
                 "presence": dict(self._presence) if self._presence else None,
                 "counters": dict(self._counters), "last_error": dict(self._last_error) if self._last_error else None,
-                "last_estimate_seq": self._last_seq,
+                "last_estimate_seq": self._last_seq, "tracks": [dict(t) for t in self._tracks],
             }
 
     def _rate(self, now: int) -> float:
@@ -215,7 +224,7 @@ class Publisher:
         self.anchor = anchor or run_anchor()
         self.tracker = StatusTracker(options.stall_s, options.latency_budget_ms)
         self._queue: queue.Queue = queue.Queue(maxsize=options.queue_size)
-        self._seq = {kind: 0 for kind in TOPICS}
+        self._seq: OrderedDict[str, int] = OrderedDict()   # topic -> next seq (the newest MAX_TOPICS topics)
         self._latest: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._socket = None
@@ -255,8 +264,8 @@ class Publisher:
             self._close_sinks()   # never started: the sinks it was handed are closed all the same
             return
         self.tracker.mark_stopped()
-        self._put(("status", None, None), force=True)
-        self._put((_STOP, None, None), force=True)
+        self._put(("status", None, None, None), force=True)
+        self._put((_STOP, None, None, None), force=True)
         self._thread.join(timeout_s)
         self._thread = None
         self._close_sinks()
@@ -274,10 +283,12 @@ class Publisher:
             raise self._error
 
     # --- publishing -----------------------------------------------------------------------------------------
-    def publish(self, kind: str, payload: dict, window: tuple[int, int] | None = None) -> bool:
+    def publish(self, kind: str, payload: dict, window: tuple[int, int] | None = None,
+                stream: tuple = (DEFAULT_SOURCE, None)) -> bool:
         """Queue one message of ``kind`` (estimate, event, reason, status); False when the queue was full.
 
-        ``window``: the capture window ``(t0_ns, t1_ns)`` it is about (required for estimates)."""
+        ``window``: the capture window ``(t0_ns, t1_ns)`` it is about (required for estimates); ``stream``:
+        the ``(source, face_id)`` an estimate or event is about (its topic and header name them)."""
         self.check()
         if self._thread is None:
             raise ConfigError("Publisher.publish() before start(): call start() (or use it as a context manager)")
@@ -287,17 +298,20 @@ class Publisher:
             raise InputError("an estimate needs its capture window (t0_ns, t1_ns)")
         try:
             dumps(payload)
+            header(kind, self.stream_id, 0, window, 0, {}, *stream)   # a bad source name fails here
         except (TypeError, ValueError) as exc:
             raise InputError(f"{kind} payload is not strict JSON ({exc}): no NaN/Infinity, only JSON types") from exc
-        return self._put((kind, payload, window))
+        return self._put((kind, payload, window, tuple(stream)))
 
     def publish_estimate(self, fused: FusedEstimate, presence: dict, timings_ms: dict, window_index: int,
-                         smoothing: str, spans: dict | None = None, subtitle: str | None = None) -> bool:
-        payload = estimate_payload(fused, presence, timings_ms, window_index, smoothing, spans, subtitle)
-        return self.publish("estimate", payload, (fused.t0_ns, fused.t1_ns))
+                         smoothing: str, spans: dict | None = None, subtitle: str | None = None, *,
+                         stream: tuple = (DEFAULT_SOURCE, None), box: list | None = None) -> bool:
+        payload = estimate_payload(fused, presence, timings_ms, window_index, smoothing, spans, subtitle, box)
+        return self.publish("estimate", payload, (fused.t0_ns, fused.t1_ns), stream)
 
-    def publish_event(self, event: FusionEvent, window: tuple[int, int] | None = None) -> bool:
-        return self.publish("event", event.to_dict(), window)
+    def publish_event(self, event: FusionEvent | dict, window: tuple[int, int] | None = None,
+                      stream: tuple = (DEFAULT_SOURCE, None)) -> bool:
+        return self.publish("event", event if isinstance(event, dict) else event.to_dict(), window, stream)
 
     def latest(self, kind: str = "estimate") -> dict | None:
         """The last message sent on ``kind``'s topic as ``{"topic", "header", "payload"}`` (None if none)."""
@@ -328,35 +342,44 @@ class Publisher:
         while True:
             wait = max(0.0, (next_status - now_ns()) / NS_PER_S)
             try:
-                kind, payload, window = self._queue.get(timeout=wait)
+                kind, payload, window, stream = self._queue.get(timeout=wait)
             except queue.Empty:
                 kind = None
             if kind is _STOP:
                 return
             if kind == "status" and payload is None:
-                self._send("status", self.tracker.snapshot(), None)
+                self._send("status", self.tracker.snapshot(), None, None)
             elif kind is not None:
-                self._send(kind, payload, window)
+                self._send(kind, payload, window, stream)
             if now_ns() >= next_status:
-                self._send("status", self.tracker.snapshot(), None)
+                self._send("status", self.tracker.snapshot(), None, None)
                 next_status = max(next_status + interval, now_ns() + interval // 2)
 
-    def _send(self, kind: str, payload: dict, window) -> None:
+    def _send(self, kind: str, payload: dict, window, stream) -> None:
         zmq = self._zmq
         publish_ns = now_ns()
-        head = header(kind, self.stream_id, self._seq[kind], window, publish_ns, self.anchor.to_dict())
+        head = header(kind, self.stream_id, 0, window, publish_ns, self.anchor.to_dict(),
+                      *(stream if kind in PER_PERSON else ()))
+        head["seq"] = self._next_seq(head["topic"])
         if kind == "estimate":
             payload = {**payload, "latency_ms": round((publish_ns - int(window[1])) / 1e6, 3)}
-        frames = encode_message(kind, head, payload)
-        self._seq[kind] += 1
+        frames = encode_message(head, payload)
         try:
             self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.tracker.record_send_dropped()
         with self._lock:
-            self._latest[kind] = {"topic": TOPICS[kind], "header": head, "payload": payload}
+            self._latest[kind] = {"topic": head["topic"], "header": head, "payload": payload}
         self.tracker.record_sent(kind, head["seq"], payload, publish_ns)
-        self._feed_sinks(TOPICS[kind], head, payload)
+        self._feed_sinks(head["topic"], head, payload)
+
+    def _next_seq(self, topic: str) -> int:
+        """0, 1, 2, ... per topic (topics of long-ended tracks are forgotten beyond MAX_TOPICS)."""
+        seq = self._seq.pop(topic, 0)
+        self._seq[topic] = seq + 1
+        while len(self._seq) > MAX_TOPICS:
+            self._seq.popitem(last=False)
+        return seq
 
     # --- sinks ----------------------------------------------------------------------------------------------
     def _feed_sinks(self, topic: str, head: dict, payload: dict) -> None:

@@ -8,6 +8,7 @@ declaration (edge_emollama/branches.py). Without any video, EVA sees an all-zero
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from .llm import LlamaCppScorer
 
 log = logging.getLogger(__name__)
 FRAME_CACHE = 1024   # MAE rows of recent frames (a 2 s window at 30 fps holds 60)
+SHARED_CACHE = 32    # EVA / HuBERT outputs of recent windows, shared by the people of a window
 
 
 def _ms(start: float) -> float:
@@ -44,8 +46,11 @@ class EncoderStage:
                                      config.threads, names)
         self.zero_rows = artifacts.zero_rows()
         self._pool = ThreadPoolExecutor(len(names), thread_name_prefix="encoder") if parallel else None
-        self._frame_rows: OrderedDict = OrderedDict()   # (capture ns, face box) -> MAE row of that frame
+        self._frame_rows: OrderedDict = OrderedDict()   # (source, capture ns, face box) -> MAE row of that frame
+        self._shared: OrderedDict = OrderedDict()       # (branch, source, window index) -> EVA / HuBERT outputs
+        self._shared_lock = threading.Lock()            # branches run on the pool's threads
         self.frames_reused = 0                           # MAE frames served from the cache (bench reports it)
+        self.shared_reused = 0                           # EVA / HuBERT outputs reused for another person
 
     def _jobs(self, item) -> dict:
         """branch -> a job returning (outputs, preprocess ms, run ms), for the branches this window feeds."""
@@ -56,9 +61,25 @@ class EncoderStage:
                 continue
             if branch.per_frame:
                 jobs[name] = lambda b=branch, r=raw: self._per_frame(b, item, r)
-            else:
+            elif branch.per_person:
                 jobs[name] = lambda b=branch, r=raw: self._timed(b, lambda: b.feed(r, self.spec))
+            else:
+                jobs[name] = lambda b=branch, r=raw: self._shared_run(b, item, r)
         return jobs
+
+    def _shared_run(self, branch, item, raw) -> tuple:
+        """EVA's and HuBERT's outputs for a window, computed once for all the people of that window."""
+        key = (branch.name, item.stamp.source, item.index, item.t1_ns)
+        with self._shared_lock:
+            if key in self._shared:
+                self.shared_reused += 1
+                return self._shared[key][0], 0.0, 0.0
+        result = self._timed(branch, lambda: branch.feed(raw, self.spec))
+        with self._shared_lock:
+            self._shared[key] = result
+            while len(self._shared) > SHARED_CACHE:
+                self._shared.popitem(last=False)
+        return result
 
     def __call__(self, item) -> tuple:
         """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool (ONNX Runtime and
@@ -93,7 +114,7 @@ class EncoderStage:
         capture time and face box) however many overlapping windows cover it."""
         start = time.perf_counter()
         crops = np.asarray(crops)
-        keys = _frame_keys(item, len(crops))
+        keys = [key if key is None else (item.stamp.source, *key) for key in _frame_keys(item, len(crops))]
         new = [i for i, key in enumerate(keys) if key is None or key not in self._frame_rows]
         prepared = run_ms = 0.0
         fresh = {}

@@ -6,14 +6,17 @@ construction. For each window (:class:`~edge_emollama.runtime.items.WindowItem`)
 
 - the EVA frame: the frame nearest the middle of the window (rule ``middle``, the default; ``first`` as the
   original code; ``last`` for the least latency);
-- face boxes (Haar cascade, largest face, detected once per frame and cached across overlapping windows),
-  one square crop per frame (``mae.image_size``) for MAE; a frame without a detection borrows the box of the
-  nearest frame that has one;
-- exactly ``videomae.frames`` (16) crops sampled uniformly over the window for VideoMAE (frames repeat when
-  the window holds fewer than 16);
+- the faces of every frame (detected once per frame, tracked with stable ids and cached across overlapping
+  windows, runtime/faces.py and runtime/tracks.py); one item per person tracked in at least
+  ``min_face_fraction`` of the frames (the largest first, at most ``runtime.max_faces``), or one item for the
+  scene (``face_id`` None) when nobody is. The people of a window share its EVA frame and audio;
+- per person, one crop per frame for MAE (OpenFace-aligned, or a square box crop; black where that person's
+  face was not detected, or the nearest detection with ``absent: zeros``) and VideoMAE's 16 crops (8 segments
+  of 2 consecutive frames);
 - ``round(W * rate)`` samples of mono audio at HuBERT's rate for HuBERT (zeros where nothing was captured);
-- presence: a face when at least ``min_face_fraction`` of the frames have a detected face; audio when an
-  audio source is active and the window's RMS reaches ``audio_rms_threshold``.
+- presence: per person, a face when at least ``min_face_fraction`` of the frames hold that person's face;
+  audio when an audio source is active and the window's RMS reaches ``audio_rms_threshold``. Audio is not
+  separated by speaker: every person of a window hears the same audio.
 
 W, H and the frame rule are the manifest's (what the export recorded); ``runtime.windows`` may override
 them (:meth:`WindowPlan.from_manifest` logs it). The crop size, frame count and sample rate are the model's.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +43,7 @@ import numpy as np
 from ..config import ABSENT_RULES, FACE_CROPS, VIDEOMAE_SAMPLINGS, WindowConfig
 from ..errors import ConfigError, InputError
 from ..manifest import Manifest
+from ..protocol import DEFAULT_SOURCE
 from ..spec import (ALIGNED_FACE_SCALE, ALIGNED_FACE_SIZE, FEATURE_BRANCHES, FRAME_RULES, VIDEOMAE_SEGMENT_FRAMES,
                     VIDEOMAE_SEGMENTS, ModelSpec)
 from .align import align_face
@@ -153,6 +158,11 @@ def segment_indices(n: int, segments: int = VIDEOMAE_SEGMENTS, length: int = VID
     return np.array([min(start + i, n - 1) for start in starts for i in range(length)], np.int64)
 
 
+def _face_of(tracked: tuple, face_id: int | None):
+    """The face of track ``face_id`` among a frame's tracked faces (None: not in that frame, or the scene)."""
+    return next((t.face for t in tracked if t.face_id == face_id), None) if face_id is not None else None
+
+
 def _hold_nearest(boxes: list) -> list:
     """Each missing entry replaced by the nearest present one (the earlier on a tie)."""
     have = [i for i, b in enumerate(boxes) if b is not None]
@@ -180,34 +190,61 @@ class WindowBuilder:
             raise ConfigError("a window with video needs a face cache (runtime.faces)")
         self.frames, self.audio, self.faces = frames, audio, faces
 
-    def build(self, index: int, t0_ns: int, t1_ns: int) -> WindowItem:
+    def build(self, index: int, t0_ns: int, t1_ns: int, source: str = DEFAULT_SOURCE) -> list[WindowItem]:
+        """The window's items: one per person tracked in at least ``min_face_fraction`` of its frames (the
+        largest first, at most the face cache's ``max_faces``), or one for the scene (``face_id`` None) when
+        nobody is. They share the EVA frame and the audio; each has its own crops and presence."""
         started, plan = time.perf_counter(), self.plan
-        timings: dict[str, float] = {}
+        frames = self._frames_between(t1_ns - plan.context_ns("mae"), t1_ns)
+        tracked = [self.faces.get(f.t_ns, f.image) for f in frames]
+        shared_ms = {"faces_ms": (time.perf_counter() - started) * 1e3}
         spans: dict[str, dict] = {}
-        vision, face, fraction = self._vision(t0_ns, t1_ns, timings, spans)
+        chosen = self._pick_frame(self._frames_between(t0_ns, t1_ns), (t0_ns + t1_ns) // 2)
+        if chosen is not None:
+            spans["eva"] = {"t0_ns": chosen.t_ns, "t1_ns": chosen.t_ns, "frames": 1}
         audio, coverage, rms = self._audio(t1_ns - plan.context_ns("hubert"), t1_ns, spans)
-        timings["window_ms"] = (time.perf_counter() - started) * 1e3
         active = self.audio is not None and coverage > 0
-        presence = Presence(video=bool(vision["frame_times_ns"].size), face=face, face_fraction=fraction,
-                            audio=active and rms >= plan.tuning.audio_rms_threshold, audio_active=active,
-                            audio_rms=rms, audio_coverage=coverage)
-        if plan.absent == "zeros" and not presence.audio:
+        heard = dict(audio=active and rms >= plan.tuning.audio_rms_threshold, audio_active=active, audio_rms=rms,
+                     audio_coverage=coverage)
+        if plan.absent == "zeros" and not heard["audio"]:
             audio = None                           # HuBERT gives its zero row for silence
-        return WindowItem(stamp=WindowStamp(index, t0_ns, t1_ns, presence, timings, spans=spans), audio=audio,
-                          **vision)
+        people = self._people(tracked, len(frames))
+        live = sorted(set(self.faces.live_ids(t1_ns) if self.faces is not None else ()) | set(people))
+        items = []
+        for face_id in people or [None]:
+            timings, person_spans = dict(shared_ms), dict(spans)
+            vision, fraction, box = self._vision(frames, [_face_of(t, face_id) for t in tracked], t1_ns, timings,
+                                                 person_spans, face_id)
+            present = fraction > 0 and fraction >= plan.tuning.min_face_fraction
+            presence = Presence(video=bool(frames) or chosen is not None, face=present, face_fraction=fraction,
+                                **heard)
+            timings["window_ms"] = (time.perf_counter() - started) * 1e3
+            stamp = WindowStamp(index, t0_ns, t1_ns, presence, timings, spans=person_spans, source=source,
+                                face_id=face_id, box=box, live_tracks=live)
+            items.append(WindowItem(stamp=stamp, audio=audio, frame=chosen.image if chosen else None,
+                                    frame_t_ns=chosen.t_ns if chosen else None, **vision))
+        return items
 
     def _frames_between(self, t0_ns: int, t1_ns: int) -> list:
         return self.frames.between(t0_ns, t1_ns) if self.frames is not None else []
 
-    def _vision(self, t0_ns: int, t1_ns: int, timings: dict, spans: dict) -> tuple:
+    def _people(self, tracked: list, frames: int) -> list:
+        """The ids seen in enough of the frames, the largest (mean box area) first, at most ``max_faces``."""
+        seen: dict[int, list] = {}
+        for faces in tracked:
+            for person in faces:
+                seen.setdefault(person.face_id, []).append(person.face.box.area)
+        needed = max(1, self.plan.tuning.min_face_fraction * frames)
+        people = [i for i, areas in seen.items() if len(areas) >= needed]
+        people.sort(key=lambda i: -float(np.mean(seen[i])))
+        return people[:self.faces.max_faces] if self.faces is not None else []
+
+    def _vision(self, frames: list, faces: list, t1_ns: int, timings: dict, spans: dict, face_id) -> tuple:
+        """One person's MAE and VideoMAE inputs: (item fields, fraction of frames with the face, last box)."""
         plan = self.plan
-        started = time.perf_counter()
-        frames = self._frames_between(t1_ns - plan.context_ns("mae"), t1_ns)
-        faces = [self.faces.get(f.t_ns, f.image) for f in frames]
-        timings["faces_ms"] = (time.perf_counter() - started) * 1e3
         detected = np.array([f is not None for f in faces], bool)
         fraction = float(detected.mean()) if detected.size else 0.0
-        present = bool(frames) and bool(detected.any()) and fraction >= plan.tuning.min_face_fraction
+        present = bool(detected.any()) and fraction >= plan.tuning.min_face_fraction
         encode = plan.absent == "encode" and bool(frames) or present
         started = time.perf_counter()
         used = faces if plan.absent == "encode" else _hold_nearest(faces)
@@ -216,20 +253,18 @@ class WindowBuilder:
                  else np.zeros((0, size, size, 3), np.uint8))
         timings["crops_ms"] = (time.perf_counter() - started) * 1e3
         times = np.array([f.t_ns for f in frames], np.int64)
-        video = self._videomae(frames, times, crops, t1_ns, encode)
-        chosen = self._pick_frame(self._frames_between(t0_ns, t1_ns), (t0_ns + t1_ns) // 2)
+        video = self._videomae(frames, times, crops, t1_ns, encode, face_id)
         if frames:
             spans["mae"] = {"t0_ns": int(times[0]), "t1_ns": int(times[-1]), "frames": int(times.size)}
         if video["videomae_times_ns"] is not None:
             v = video["videomae_times_ns"]
             spans["videomae"] = {"t0_ns": int(v.min()), "t1_ns": int(v.max()), "frames": int(v.size)}
-        if chosen is not None:
-            spans["eva"] = {"t0_ns": chosen.t_ns, "t1_ns": chosen.t_ns, "frames": 1}
         boxes = [f.box if f is not None else None for f in used]
-        return dict(frame=chosen.image if chosen else None, frame_t_ns=chosen.t_ns if chosen else None,
-                    frame_times_ns=times, face_detected=detected, face_crops=crops,
+        last = next((f.box for f in reversed(faces) if f is not None), None)
+        return dict(frame_times_ns=times, face_detected=detected, face_crops=crops,
                     face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in boxes],
-                                        np.int32).reshape(-1, 4), **video), present, fraction
+                                        np.int32).reshape(-1, 4), **video), fraction, \
+            None if last is None else [last.x, last.y, last.w, last.h]
 
     def _crop(self, image: np.ndarray, face) -> np.ndarray:
         """One frame's face crop: aligned (OpenFace), a square box crop, or black without a face."""
@@ -240,7 +275,8 @@ class WindowBuilder:
             return align_face(image, face.landmarks, ALIGNED_FACE_SIZE, ALIGNED_FACE_SCALE)
         return crop_square(image, face.box, size, self.plan.tuning.face_margin)
 
-    def _videomae(self, frames: list, times: np.ndarray, crops: np.ndarray, t1_ns: int, encode: bool) -> dict:
+    def _videomae(self, frames: list, times: np.ndarray, crops: np.ndarray, t1_ns: int, encode: bool,
+                  face_id: int | None) -> dict:
         """VideoMAE's frames from its own context (a subset of MAE's when shorter, the crops reused)."""
         plan = self.plan
         if not encode or not frames:
@@ -248,7 +284,7 @@ class WindowBuilder:
         keep = np.nonzero(times >= t1_ns - plan.context_ns("videomae"))[0]
         if keep.size == 0 or plan.context_ns("videomae") > plan.context_ns("mae"):
             extra = self._frames_between(t1_ns - plan.context_ns("videomae"), t1_ns)
-            faces = [self.faces.get(f.t_ns, f.image) for f in extra]
+            faces = [_face_of(self.faces.get(f.t_ns, f.image), face_id) for f in extra]
             faces = faces if plan.absent == "encode" else _hold_nearest(faces)
             crops = np.stack([self._crop(fr.image, fa) for fr, fa in zip(extra, faces)])
             times, keep = np.array([f.t_ns for f in extra], np.int64), np.arange(len(extra))
@@ -285,10 +321,13 @@ class WindowScheduler:
     """
 
     def __init__(self, video: Source | None, audio: Source | None, plan: WindowPlan,
-                 faces: FaceCache | None = None, history_s: float = 0.0):
+                 faces: FaceCache | None = None, history_s: float = 0.0, name: str = DEFAULT_SOURCE):
         """``history_s``: audio and frames the rings keep behind a window's end besides its own span (speech
-        recognition reads the last seconds of audio after the window was cut)."""
+        recognition reads the last seconds of audio after the window was cut). ``name``: the source's name,
+        stamped on its items."""
         self.plan = plan.validate()
+        self.name = name
+        self._pending: deque = deque()   # the other people's items of the window last cut
         self._keep_ns = max(plan.span_ns, int(round(history_s * NS_PER_S)))
         self._frames = video.frames if video is not None else None
         self._audio = audio.audio if audio is not None else None
@@ -399,11 +438,14 @@ class WindowScheduler:
 
     # --- the loop -------------------------------------------------------------------------------------------
     def next_window(self, timeout_s: float | None = None) -> WindowItem | None:
-        """The next window once its data is in (None on timeout, or at the end with ``ended`` set).
+        """The next item once its window's data is in (None on timeout, or at the end with ``ended`` set):
+        the items of one window (one per person, runtime/windows.py's WindowBuilder.build) come one by one.
 
         While it waits, it detects faces on frames already captured, so that a window finds most of its
         face boxes cached. One consumer only.
         """
+        if self._pending:
+            return self._pending.popleft()
         deadline = None if timeout_s is None else now_ns() + int(timeout_s * NS_PER_S)
         if self._start_deadline is None:
             self._start_deadline = now_ns() + int(self.plan.tuning.start_timeout_s * NS_PER_S)
@@ -418,10 +460,11 @@ class WindowScheduler:
             if busy:
                 self._prefetch_faces()
         index, t0, t1 = span
-        window = self.builder.build(index, t0, t1)  # outside the lock: capture threads never wait on it
+        items = self.builder.build(index, t0, t1, self.name)  # outside the lock: capture never waits on it
         for _, ring in self._feeds:
             ring.discard_before(self._t1(index + 1) - self._keep_ns)
-        return window
+        self._pending.extend(items[1:])
+        return items[0]
 
     def _undetected(self) -> list[Frame]:
         if self._frames is None or self.builder.faces is None:

@@ -79,7 +79,7 @@ class Subscriber(threading.Thread):
     def __init__(self, endpoint: str):
         super().__init__(daemon=True)
         self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v1.")
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v2.")
         self.sock.connect(endpoint)
         self.estimates, self.states, self.gaps, self.streams, self.video = [], [], 0, set(), []
         self.stop_event, self._last = threading.Event(), {}

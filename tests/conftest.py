@@ -5,16 +5,15 @@ from pathlib import Path
 
 import pytest
 
-REAL_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ggml-vocab-llama-spm.gguf"
+DATA = Path(__file__).resolve().parent / "data"
+REAL_VOCAB = DATA / "ggml-vocab-llama-spm.gguf"   # llama.cpp's models/ggml-vocab-llama-spm.gguf; see data/README.md
 
 
 @pytest.fixture(scope="session")
 def real_vocab() -> Path:
-    """LLaMA-2's real vocabulary (vocab-only GGUF) from the project's shared data, if this checkout has it."""
-    for candidate in (REAL_VOCAB, Path(__file__).resolve().parents[1] / "shared" / "data" / REAL_VOCAB.name):
-        if candidate.is_file():
-            return candidate
-    pytest.skip(f"LLaMA-2 vocabulary not found at {REAL_VOCAB} (it ships in the project's shared/data)")
+    """LLaMA-2's real vocabulary (vocab-only GGUF, no weights), kept in the repository under tests/data."""
+    assert REAL_VOCAB.is_file(), f"{REAL_VOCAB} is missing: it is tracked in the repository (tests/data/README.md)"
+    return REAL_VOCAB
 
 
 @pytest.fixture(scope="session")

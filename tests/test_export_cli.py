@@ -173,3 +173,47 @@ def test_an_export_removes_the_staging_folders_killed_exports_left(tmp_path, cap
     assert f"process {gone}, is gone" in caplog.text and "untouched for 1" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".tinier.partial-1-x", running_writer.name, recent_without_pid.name, "tiny"])
+
+
+@pytest.mark.parametrize("name, command", [
+    ("emotion-llama", "export --preset emotion-llama --checkpoints DIR --out {root}"),
+    ("Emotion_LLaMA-7b", "export --preset emotion-llama --checkpoints DIR --out {root}"),
+    ("checkpoints", "export --preset emotion-llama --checkpoints {root}'"),
+    ("tiny", "export --preset tiny --out {root}'"),
+    ("bench-mid", "export --preset mid --out {root}'"),
+])
+def test_a_missing_artifact_folder_is_said_missing_with_the_export_its_name_calls_for(tmp_path, name, command):
+    root = tmp_path / name
+    with pytest.raises(ArtifactError) as info:
+        load_artifacts(root)
+    message = str(info.value)
+    assert f"artifact folder {root} is missing (it does not exist)" in message
+    assert command.format(root=root) in message
+    if name != "tiny" and name != "bench-mid":
+        assert "--preset tiny" not in message
+
+
+def test_a_folder_of_another_name_gets_the_full_export_and_tiny_to_try(tmp_path):
+    with pytest.raises(ArtifactError) as info:
+        load_artifacts(tmp_path / "robot")
+    message = str(info.value)
+    assert "--preset emotion-llama --checkpoints DIR" in message and "--preset tiny" in message
+
+
+def test_an_unexported_folder_gets_the_export_its_name_calls_for(tmp_path):
+    (tmp_path / "emotion-llama").mkdir()
+    with pytest.raises(ArtifactError, match="not a finished export") as info:
+        load_artifacts(tmp_path / "emotion-llama")
+    assert "--preset emotion-llama --checkpoints DIR" in str(info.value) and "--preset tiny" not in str(info.value)
+    (tmp_path / "tiny").mkdir()
+    with pytest.raises(ArtifactError, match=r"not a finished export.*--preset tiny --out"):
+        load_artifacts(tmp_path / "tiny")
+
+
+def test_a_checkpoints_folder_given_as_artifacts_is_told_to_be_exported(tmp_path):
+    folder = tmp_path / "weights"
+    (folder / "Llama-2-7b-chat-hf").mkdir(parents=True)
+    (folder / "eva_vit_g.pth").write_bytes(b"")
+    with pytest.raises(ArtifactError, match="holds checkpoints, not an export") as info:
+        load_artifacts(folder)
+    assert f"edge-emollama export --preset emotion-llama --checkpoints {folder}'" in str(info.value)

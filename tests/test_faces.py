@@ -264,7 +264,7 @@ def test_make_detector_honours_the_options(tiny_artifacts, mtcnn):
         make_detector(type(artifacts)(artifacts.root, bare), FaceConfig(detector="mtcnn"))
 
 
-def test_detectors_order_faces_largest_first_and_the_cache_keeps_the_largest(mtcnn):
+def test_detectors_order_faces_largest_first_and_the_cache_tracks_both(mtcnn):
     image = np.full((480, 640, 3), (130, 110, 90), np.uint8)
     small, big = draw_face(640, 480, (160, 240), scale=1.0), draw_face(640, 480, (450, 240), scale=1.6)
     image[:, :320], image[:, 320:] = small[:, :320], big[:, 320:]
@@ -273,6 +273,8 @@ def test_detectors_order_faces_largest_first_and_the_cache_keeps_the_largest(mtc
         assert len(faces) == 2 and faces[0].box.area > faces[1].box.area and faces[0].box.x > 320
         cache = FaceCache(detector)
         first = cache.get(7, image)
-        assert first.box == faces[0].box and cache.get(7, image) is first and (cache.hits, cache.misses) == (1, 1)
-        assert cache.get(8, np.zeros((240, 320, 3), np.uint8)) is None
+        assert [t.face.box for t in first] == [f.box for f in faces] and [t.face_id for t in first] == [1, 2]
+        assert cache.get(7, image) is first and (cache.hits, cache.misses) == (1, 1)
+        assert cache.get(8, np.zeros((240, 320, 3), np.uint8)) == ()
+        assert [t.face_id for t in FaceCache(detector, max_faces=1).get(7, image)] == [1]
     assert isinstance(faces[0].box, FaceBox)

@@ -1,4 +1,7 @@
 """How the recognition prompt and the labels tokenize with LLaMA-2's real vocabulary."""
+import hashlib
+import re
+
 import pytest
 
 from edge_emollama.prompt import label_pieces, prompt_parts
@@ -41,6 +44,14 @@ def test_label_pieces_with_the_real_vocabulary(llama2):
 def test_real_vocab_reads_as_32000_llama_pieces(real_vocab):
     vocab = read_gguf_vocab(real_vocab)
     assert len(vocab) == 32000 and vocab.tokens[1] == "<s>" and vocab.bos_id == 1
+
+
+def test_real_vocab_copy_matches_its_readme_sha256(real_vocab):
+    """The repository's copy is the file tests/data/README.md describes (the digest is read from the README)."""
+    readme = (real_vocab.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(f"## {real_vocab.name}"):]
+    documented = re.search(r"sha256: `([0-9a-f]{64})`", section).group(1)
+    assert hashlib.sha256(real_vocab.read_bytes()).hexdigest() == documented
 
 
 def test_tiny_vocabulary_mirrors_the_real_splits(tiny_tok):

@@ -20,6 +20,7 @@ from statistics import mean, median
 
 from ..errors import InputError
 from ..lazy import require
+from ..protocol import kind_of
 from ..runtime.outputs import anchor_of, message_time_ns, read_recording
 
 __all__ = ["StreamLog", "load_streams", "render_png", "counts_rows", "write_report"]
@@ -34,8 +35,11 @@ STREAM_HEIGHT_IN = 6.5           # figure height per stream drawn
 
 @dataclass
 class StreamLog:
-    """The messages of one stream of a recording, by kind, in recording order."""
+    """The messages of one estimate stream of a recording (a run's person or scene of one source; status and
+    reasons in a stream of the run's own, ``source`` None), by kind, in recording order."""
     stream_id: str
+    source: str | None = None
+    face_id: int | None = None
     estimates: list = field(default_factory=list)     # (header, payload)
     events: list = field(default_factory=list)
     reasons: list = field(default_factory=list)
@@ -53,13 +57,22 @@ class StreamLog:
         return min(message_time_ns(h, p) for h, p in self.events + self.statuses + self.reasons)
 
 
-def load_streams(messages: list[dict]) -> dict[str, StreamLog]:
-    """The recording's messages grouped by stream id (in order of first appearance) and kind."""
-    streams: dict[str, StreamLog] = {}
+    @property
+    def name(self) -> str:
+        """run id (8 hex), and the source and person: ``1a2b3c4d clip/face-2``."""
+        who = "" if self.source is None else f" {self.source}/{'scene' if self.face_id is None else f'face-{self.face_id}'}"
+        return f"{self.stream_id[:8]}{who}"
+
+
+def load_streams(messages: list[dict]) -> dict[tuple, StreamLog]:
+    """The recording's messages grouped by run (stream id), source and person (in order of first appearance)
+    and kind."""
+    streams: dict[tuple, StreamLog] = {}
     for message in messages:
         head, payload = message["header"], message["payload"]
-        stream = streams.setdefault(head["stream_id"], StreamLog(head["stream_id"]))
-        kind = message["topic"].rsplit(".", 1)[-1]
+        key = (head["stream_id"], head.get("source"), head.get("face_id"))
+        stream = streams.setdefault(key, StreamLog(*key))
+        kind = kind_of(message["topic"])
         bucket = {"estimate": stream.estimates, "event": stream.events, "reason": stream.reasons,
                   "status": stream.statuses}.get(kind)
         if bucket is not None:
@@ -121,7 +134,7 @@ def _draw_stream(figure, grid, stream: StreamLog, utc: bool) -> None:
     probs.set_ylim(0, 1)
     probs.set_ylabel("smoothed p")
     start = axis.anchor.to_utc_iso(stream.origin_ns)
-    probs.set_title(f"stream {stream.stream_id[:8]}   {len(stream.estimates)} estimates   start {start}", fontsize=10,
+    probs.set_title(f"stream {stream.name}   {len(stream.estimates)} estimates   start {start}", fontsize=10,
                     loc="left")
     spans = _spans(stream, axis)
     _draw_band(band, stream, spans, colours)
@@ -165,7 +178,7 @@ def _draw_events(stream: StreamLog, axis: _TimeAxis, all_axes) -> None:
     all_axes[0].legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, frameon=False)   # labels, events
 
 
-def render_png(streams: dict[str, StreamLog], utc: bool = False) -> bytes:
+def render_png(streams: dict[tuple, StreamLog], utc: bool = False) -> bytes:
     """The picture of the streams that have estimates (at most MAX_STREAMS), as PNG bytes."""
     figure_module = require("matplotlib.figure")
     agg = require("matplotlib.backends.backend_agg")
@@ -183,7 +196,7 @@ def render_png(streams: dict[str, StreamLog], utc: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def counts_rows(streams: dict[str, StreamLog]) -> list[dict]:
+def counts_rows(streams: dict[tuple, StreamLog]) -> list[dict]:
     """One row of counts per stream: messages by kind, lost estimates (seq gaps), duration, latency, top label."""
     rows = []
     for stream in streams.values():
@@ -192,7 +205,7 @@ def counts_rows(streams: dict[str, StreamLog]) -> list[dict]:
         dominant = Counter(p["dominant"]["label"] for _, p in stream.estimates).most_common(1)
         ends = [h["window"]["t1_ns"] for h, _ in stream.estimates]
         rows.append({
-            "stream": stream.stream_id, "start (UTC)": anchor_of(stream.clock).to_utc_iso(stream.origin_ns),
+            "stream": stream.name, "start (UTC)": anchor_of(stream.clock).to_utc_iso(stream.origin_ns),
             "duration s": round((max(ends) - stream.origin_ns) / 1e9, 2) if ends else 0.0,
             "estimates": len(stream.estimates), "lost estimates": (seqs[-1] - seqs[0] + 1 - len(seqs)) if seqs else 0,
             "events": len(stream.events), "reasons": len(stream.reasons), "status": len(stream.statuses),

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ConfigError, OutputError
 from ..lazy import require
 
-__all__ = ["write_sample_clip", "draw_face", "synth_voice", "espeak_voice"]
+__all__ = ["write_sample_clip", "write_group_clip", "group_centres", "draw_face", "synth_voice", "espeak_voice"]
 
 SAMPLE_RATE = 16000   # the clip file's own audio rate (a reader resamples any rate to the model's)
 VOICES = ("auto", "espeak", "synth", "none")
@@ -158,14 +158,70 @@ def write_sample_clip(path: str | os.PathLike, seconds: float = 6.0, *, fps: int
     return path
 
 
+def group_centres(faces: int, t: float, size: tuple[int, int], away: tuple | None = None,
+                  cross: bool = False) -> list:
+    """Where each of ``faces`` people is at ``t`` s (None: out of view): in a row, each swaying a little;
+    ``away=(k, t0, t1)``: person k leaves at t0 and comes back at t1; ``cross``: person 1 walks across the
+    frame and back below the others (passing person 0) over 4 s."""
+    width, height = size
+    out = []
+    for k in range(faces):
+        x = width * (k + 1) / (faces + 1) + 0.03 * width * np.sin(2 * np.pi * 0.3 * t + k)
+        y = height * (0.42 if cross else 0.5) + 0.02 * height * np.sin(2 * np.pi * 0.4 * t + k)
+        if cross and k == 1:
+            phase = (t % 4.0) / 4.0
+            x = width * (0.85 - 0.7 * (1 - abs(2 * phase - 1)))
+            y = height * 0.42 + 0.36 * height
+        gone = away is not None and away[0] == k and away[1] <= t < away[2]
+        out.append(None if gone else (int(x), int(y)))
+    return out
+
+
+def write_group_clip(path: str | os.PathLike, faces: int = 2, seconds: float = 6.0, *, fps: int = 15,
+                     size: tuple[int, int] = (640, 360), away: tuple | None = None, cross: bool = False,
+                     voice: str = "auto", seed: int = 0) -> Path:
+    """Like :func:`write_sample_clip` with several drawn people (:func:`group_centres`), one shared voice."""
+    av = require("av")
+    path = Path(path)
+    audio = _voice(voice, seconds)
+    people = lambda t: group_centres(faces, t, size, away, cross)   # noqa: E731
+    with _open_output(av, path) as container:
+        vstream = container.add_stream("libx264", rate=fps)
+        vstream.width, vstream.height, vstream.pix_fmt = size[0], size[1], "yuv420p"
+        vstream.options = {"preset": "veryfast", "crf": "20"}
+        astream = container.add_stream("aac", rate=SAMPLE_RATE, layout="mono")
+        _write_video(av, container, vstream, audio, seconds, fps, size, people, seed)
+        _write_audio(av, container, astream, audio)
+    return path
+
+
+def _draw_people(size: tuple[int, int], centres: list, mouth: float) -> np.ndarray:
+    """The background with a face at each centre (None: nobody), each face pasted within its own box."""
+    width, height = size
+    img = np.full((height, width, 3), (130, 110, 90), np.uint8)
+    scale = height / 240 * 0.95 / max(1.5, len(centres) * 0.75)
+    half = (int(75 * scale), int(100 * scale))
+    for centre in centres:
+        if centre is None:
+            continue
+        face = draw_face(width, height, centre, scale=scale, mouth_open=mouth)
+        x0, y0 = max(0, centre[0] - half[0]), max(0, centre[1] - half[1])
+        x1, y1 = min(width, centre[0] + half[0]), min(height, centre[1] + half[1])
+        img[y0:y1, x0:x1] = face[y0:y1, x0:x1]
+    return img
+
+
 def _write_video(av, container, stream, audio, seconds, fps, size, face, seed) -> None:
+    """``face``: one swaying face (True), none (False), or ``t -> centres`` for several people."""
     width, height = size
     rng = np.random.default_rng(seed)
     for i in range(int(round(seconds * fps))):
         t = i / fps
         center = (int(width / 2 + 0.06 * width * np.sin(2 * np.pi * 0.25 * t)),
                   int(height / 2 + 0.02 * height * np.sin(2 * np.pi * 0.4 * t)))
-        if face:
+        if callable(face):
+            img = _draw_people(size, face(t), _mouth(audio, t))
+        elif face:
             img = draw_face(width, height, center, scale=height / 240 * 0.95, mouth_open=_mouth(audio, t))
         else:
             img = np.full((height, width, 3), (130, 110, 90), np.uint8)
