@@ -122,6 +122,10 @@ def _run_parser(sub, common) -> None:
              help='a Lab Streaming Layer outlet of type "Emotion" (pip install -e ".[lsl]")')
     _setting(out, "--psi", key="runtime.outputs.psi", metavar="ENDPOINT",
              help="a second PUB socket in \\psi's two-frame format, e.g. tcp://127.0.0.1:5557")
+    _setting(out, "--annotate", key="runtime.outputs.annotate", metavar="FILE",
+             help="write the video with face boxes, ids and label bars to FILE (.mp4 or .avi; one file per source)")
+    _setting(out, "--preview", key="runtime.outputs.preview", action="store_const", const=True,
+             help="show the annotated video in a window (needs a display and opencv-python, not -headless)")
     p.add_argument("--max-windows", type=int, help="stop after this many windows")
     p.add_argument("--quiet", action="store_true", help="do not print estimates")
 

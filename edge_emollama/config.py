@@ -368,6 +368,8 @@ class OutputsConfig:
     record: str | None = None       # a JSONL file: every message sent, one JSON object a line (--record)
     lsl: bool = False               # a Lab Streaming Layer outlet of type "Emotion" (--lsl; the lsl extra)
     psi: str | None = None          # a second PUB endpoint in \psi's two-frame format (--psi ENDPOINT)
+    annotate: str | None = None     # a video (.mp4/.avi) of the frames with boxes, ids and label bars (--annotate)
+    preview: bool = False           # the same in a window, when a display exists (--preview)
 
 
 @dataclass

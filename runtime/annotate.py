@@ -416,14 +416,15 @@ class _Outputs:
         self.files: dict[str, _VideoFile] = {}
         self.written: dict[str, int] = {}
 
-    def add_source(self, source: str) -> None:
-        """A source's first frame: its file is named (InputError when that file exists)."""
+    def add_source(self, source: str, fps: float | None = None) -> None:
+        """A source's first frame: its file is named (InputError when that file exists), at the source's
+        ``fps`` when known (else the annotator's)."""
         if source in self.written:
             return
         if self.path is not None:
             taken = {file.path for file in self.files.values()}
             path = _sibling(self.path, source, taken) if self.files else self.path
-            self.files[source] = _VideoFile(path, self.fps)
+            self.files[source] = _VideoFile(path, fps or self.fps)
         self.written[source] = 0
 
     def write(self, source: str, annotated: np.ndarray) -> None:
@@ -480,14 +481,16 @@ class Annotator:
         with self._lock:
             return {source: file.path for source, file in self._outputs.files.items()}
 
-    def add_frame(self, source: str, t_ns: int, image: np.ndarray, boxes: dict[int, tuple]) -> None:
+    def add_frame(self, source: str, t_ns: int, image: np.ndarray, boxes: dict[int, tuple],
+                  fps: float | None = None) -> None:
         """One captured frame (RGB uint8, not modified afterwards by the caller) and the boxes
-        (face_id -> (x, y, w, h)) of the faces tracked in it; in capture order per source."""
+        (face_id -> (x, y, w, h)) of the faces tracked in it; in capture order per source. ``fps``: the
+        source's frame rate (the video file's rate; the annotator's when None)."""
         boxes = {int(face_id): _int_box(box) for face_id, box in boxes.items()}
         with self._lock:
             if self._closed:
                 return
-            self._outputs.add_source(source)
+            self._outputs.add_source(source, fps)
             released = self._track(source).add_frame(int(t_ns), image, boxes)
             if not released:
                 return

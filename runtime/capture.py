@@ -94,10 +94,12 @@ def plan_feeds(sources: SourcesConfig) -> list:
 class Feed:
     """One feed's started sources, its tracker and window scheduler, and its speech recognition."""
 
-    def __init__(self, plan: FeedPlan, config: RuntimeConfig, artifacts: Artifacts, windows: WindowPlan):
-        self.name, self.plan = plan.name, windows
+    def __init__(self, plan: FeedPlan, config: RuntimeConfig, artifacts: Artifacts, windows: WindowPlan,
+                 annotator=None):
+        self.name, self.plan, self.annotator = plan.name, windows, annotator
         self.sources, video, audio = [], None, None
         self.asr: AsrWorker | None = None
+        self._annotated_ns: int | None = None   # frames up to here went to the annotator
         try:
             video, audio = self._open(plan, config, windows.sample_rate)
             history_s = 0.0
@@ -106,6 +108,7 @@ class Feed:
                 history_s = config.asr.context_s
             faces = FaceCache(make_detector(artifacts, config.faces), Tracker(config.tracks), config.max_faces)
             self.scheduler = WindowScheduler(video, audio, windows, faces, history_s=history_s, name=plan.name)
+            self.fps = getattr(video, "fps", None)
         except BaseException:
             self.close()
             raise
@@ -135,7 +138,19 @@ class Feed:
             window.stamp.subtitle = self.asr.pick(window.t1_ns, self.plan.hop_ns).text
             self.asr.submit_until(window.t1_ns)
         window.stamp.dropped = self.scheduler.dropped
+        if self.annotator is not None:
+            self._annotate(window.t0_ns, window.t1_ns)
         return window
+
+    def _annotate(self, t0_ns: int, t1_ns: int) -> None:
+        """Hand the frames captured since the last window to the annotator, with their tracked boxes."""
+        since = t0_ns if self._annotated_ns is None else self._annotated_ns
+        if t1_ns <= since:
+            return
+        for frame, tracked in self.scheduler.tracked_frames(since, t1_ns):
+            boxes = {t.face_id: (t.face.box.x, t.face.box.y, t.face.box.w, t.face.box.h) for t in tracked}
+            self.annotator.add_frame(self.name, frame.t_ns, frame.image, boxes, fps=self.fps)
+        self._annotated_ns = t1_ns
 
     def stop(self) -> None:
         for source in self.sources:
@@ -151,11 +166,12 @@ class Capture:
     """Items from every configured feed in turn, each stamped with its source's name, what was lost before it
     and, with speech recognition, with the newest transcript."""
 
-    def __init__(self, config: RuntimeConfig, artifacts: Artifacts, plan: WindowPlan):
+    def __init__(self, config: RuntimeConfig, artifacts: Artifacts, plan: WindowPlan, annotator=None):
+        """``annotator``: a runtime.annotate.Annotator that gets every captured frame with its tracked boxes."""
         self.feeds: list[Feed] = []
         try:
             for feed in plan_feeds(config.sources):
-                self.feeds.append(Feed(feed, config, artifacts, plan))
+                self.feeds.append(Feed(feed, config, artifacts, plan, annotator))
         except BaseException:
             self.close()
             raise

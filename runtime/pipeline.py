@@ -19,8 +19,9 @@ import uuid
 from typing import Callable
 
 from ..config import LINKS, RuntimeConfig
-from ..errors import EdgeEmollamaError
+from ..errors import ConfigError, EdgeEmollamaError
 from ..manifest import Artifacts, load_artifacts
+from .annotate import Annotator
 from .capture import Capture
 from .clock import now_ns, run_anchor
 from .control import ControlServer
@@ -54,7 +55,7 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.errors: list = []
         self.threads, self._closers = [], []
-        self.publisher = self.control = self.reasoner = self.capture = None
+        self.publisher = self.control = self.reasoner = self.capture = self.annotator = None
         self.published = 0
         offline_file = bool(config.sources.video) and not config.sources.realtime
         self._lossless = offline_file if lossless is None else lossless
@@ -78,7 +79,7 @@ class Pipeline:
             if "publish" in want:
                 self._spawn("publish", self._publish_loop, self._link_in("scores"), None, None)
             if "capture" in want:
-                self.capture = Capture(self.config, self.artifacts, self.plan)
+                self.capture = Capture(self.config, self.artifacts, self.plan, self.annotator)
                 self._spawn("capture", self._capture_loop, None, self._link_out("windows"), self.capture)
         except BaseException:
             self.close()
@@ -125,6 +126,13 @@ class Pipeline:
         sinks = make_sinks(self.config.outputs, self.artifacts.manifest.labels, self.plan.hop_s,
                            stream_id=stream_id, security=self.config.security)
         try:
+            self.annotator = self._make_annotator()
+        except BaseException:
+            close_sinks(sinks)
+            raise
+        if self.annotator is not None:
+            sinks.append(self.annotator)
+        try:
             self.publisher = Publisher(self.config.publish, anchor=run_anchor(), security=self.config.security,
                                        stream_id=stream_id, sinks=sinks)
         except BaseException:
@@ -133,6 +141,17 @@ class Pipeline:
         self.publisher.start()   # a failure here: close() closes the publisher, which closes the sinks
         self.control = ControlServer.for_publisher(self.publisher, self.config.control)
         self.control.start()
+
+    def _make_annotator(self):
+        """The annotated video / preview of ``runtime.outputs`` (None when neither is asked for): it sees the
+        captured frames and the published estimates, so capture and publish must run in this process."""
+        outputs = self.config.outputs
+        if outputs.annotate is None and not outputs.preview:
+            return None
+        if "capture" not in self.config.stages:
+            raise ConfigError("--annotate/--preview need the capture stage in the process that publishes: run "
+                              "them where runtime.stages has both capture and publish")
+        return Annotator(self.artifacts.manifest.labels, path=outputs.annotate, preview=outputs.preview)
 
     def _start_reasoning(self, stage: LlmStage) -> None:
         if self.config.reasoning.enabled and self.publisher is not None:

@@ -466,6 +466,12 @@ class WindowScheduler:
         self._pending.extend(items[1:])
         return items[0]
 
+    def tracked_frames(self, t0_ns: int, t1_ns: int) -> list:
+        """[(frame, its tracked faces)] captured in ``[t0, t1)`` that the ring still holds (annotation)."""
+        if self._frames is None or self.builder.faces is None:
+            return []
+        return [(f, self.builder.faces.get(f.t_ns, f.image)) for f in self._frames.between(t0_ns, t1_ns)]
+
     def _undetected(self) -> list[Frame]:
         if self._frames is None or self.builder.faces is None:
             return []

@@ -246,3 +246,27 @@ def test_topics_select_one_source_or_person_by_prefix_and_no_more():
     assert kind_of("emollama.v2.estimate.cam.face-x.") is None and kind_of("emollama.v1.estimate") is None
     with pytest.raises(ConfigError, match="source name"):
         topic_of("estimate", "my.cam", 1)
+
+
+def test_run_annotate_writes_every_frame_with_each_persons_box(group_clip, tiny_artifacts, endpoints, tmp_path):
+    import cv2
+
+    from edge_emollama.config import OutputsConfig
+    from edge_emollama.runtime.annotate import colour_of
+
+    out = tmp_path / "annotated.mp4"
+    seen, _ = _run(tiny_artifacts, endpoints, [group_clip], outputs=OutputsConfig(annotate=str(out)))
+    assert out.is_file() and not list(tmp_path.glob("*.partial*"))
+    video, frames = cv2.VideoCapture(str(out)), []
+    while True:
+        ok, frame = video.read()
+        if not ok:
+            break
+        frames.append(frame)
+    assert len(frames) == int(SECONDS * 15) and frames[0].shape == (360, 640, 3)
+    cv2.imwrite(str(tmp_path / "frame.png"), frames[40])
+    # at 2.67 s two people are in view (the third left at 2 s): two outlines, each in its person's colour
+    rgb = cv2.cvtColor(frames[40], cv2.COLOR_BGR2RGB).astype(int)
+    drawn = [f for f in sorted({f for (_, f), _, _ in seen if f is not None})
+             if (np.abs(rgb - np.array(colour_of(f))).sum(axis=2) < 40).sum() > 50]
+    assert len(drawn) == 2, drawn
