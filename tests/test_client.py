@@ -119,7 +119,7 @@ def test_iteration_ends_after_the_timeout(pub, ctx):
 
 
 def test_topics_are_kinds_names_or_prefixes():
-    assert subscription_prefixes(("estimate", "emollama.v1.")) == ("emollama.v1.estimate", "emollama.v1.")
+    assert subscription_prefixes(("estimate", "emollama.v2.")) == ("emollama.v2.estimate.", "emollama.v2.")
     with pytest.raises(InputError, match="did you mean 'estimate'"):
         subscription_prefixes(("estimat",))
     with pytest.raises(InputError, match="at least one"):
@@ -130,10 +130,11 @@ def raw_message(stream_id: str, seq: int, kind="status", payload=None) -> list:
     """A schema-valid message of the wire protocol, sent by hand (to control the seq)."""
     payload = payload or {"state": "running", "reasons": [], "uptime_s": 1.0, "rates_hz": {"estimates": 2.0},
                           "latency_ms": None, "presence": None, "last_error": None, "last_estimate_seq": None,
+                          "tracks": [],
                           "counters": {"estimates": 0, "events": 0, "reasons": 0, "dropped_windows": 0,
                                        "send_dropped": 0, "errors": 0}}
     clock = {"monotonic_ns": 1000, "utc": "2026-12-01T10:00:00.000000Z"}
-    return encode_message(kind, header(kind, stream_id, seq, None, now_ns(), clock), payload)
+    return encode_message(header(kind, stream_id, seq, None, now_ns(), clock), payload)
 
 
 def test_gaps_invalid_messages_and_restarts_on_the_wire(ctx):
@@ -146,7 +147,7 @@ def test_gaps_invalid_messages_and_restarts_on_the_wire(ctx):
             while sub.recv(0.05) is None:   # slow joiner: seq 0 repeated until one arrives
                 assert time.monotonic() < deadline
                 raw.send_multipart(raw_message(stream, 0))
-            raw.send_multipart([b"emollama.v1.status", b"{}", b"not json"])
+            raw.send_multipart([b"emollama.v2.status.", b"{}", b"not json"])
             raw.send_multipart(raw_message(stream, 1, payload={"state": "dancing"}))
             raw.send_multipart(raw_message(stream, 4))
             later = first(sub, Status)
@@ -217,7 +218,7 @@ def test_control_methods(served):
     assert isinstance(status, Status) and status.seq is None and status.state in ("starting", "degraded")
     with pytest.raises(InputError, match="no clock anchor"):
         status.utc(0)
-    assert control.latest() is None and control.schema()["schema_version"] == "1.1.0"
+    assert control.latest() is None and control.schema()["schema_version"] == "2.0.0"
     publish_windows(pub, 2)
     deadline = time.monotonic() + 3
     while (latest := control.latest()) is None or latest.window_index < 1:
@@ -252,7 +253,7 @@ def test_from_message_validates():
     with pytest.raises(InputError, match="does not follow the wire schema"):
         from_message(topic, head, payload)
     with pytest.raises(InputError, match="unknown topic"):
-        from_message("emollama.v1.estimates", head, payload)
+        from_message("emollama.v2.estimates.", head, payload)
     reason = {"request_id": "r1", "text": "smiling", "final": True, "label": "happy"}
     clock = {"monotonic_ns": 1, "utc": "2026-12-01T10:00:00.000000Z"}
     head = header("reason", str(uuid.uuid4()), 0, None, now_ns(), clock)
@@ -310,12 +311,12 @@ def test_listen_json_through_the_cli(pub, capsys):
     thread = threading.Thread(target=keep_publishing, daemon=True)
     thread.start()
     try:
-        assert main(["listen", pub.endpoint, "--json", "-n", "1", "-t", "5", "--topic", "emollama.v1.estimate"]) == 0
+        assert main(["listen", pub.endpoint, "--json", "-n", "1", "-t", "5", "--topic", "emollama.v2.estimate."]) == 0
     finally:
         stop.set()
         thread.join(5)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1
     message = json.loads(lines[0])
-    assert set(message) == {"topic", "header", "payload"} and message["topic"] == TOPICS["estimate"]
+    assert set(message) == {"topic", "header", "payload"} and message["topic"].startswith(TOPICS["estimate"])
     assert message_errors(message["topic"], message["header"], message["payload"]) == []

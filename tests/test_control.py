@@ -47,8 +47,8 @@ def test_ping_status_schema(served, ctx):
     status = ask(server, {"verb": "status", "id": 7}, ctx)["result"]
     assert status["state"] in ("starting", "degraded")
     schema = ask(server, {"verb": "schema"}, ctx)["result"]
-    assert schema["schema_version"] == "1.1.0" and "estimate" in schema["schema"]["$defs"]
-    assert schema["topics"]["estimate"] == "emollama.v1.estimate"
+    assert schema["schema_version"] == "2.0.0" and "estimate" in schema["schema"]["$defs"]
+    assert schema["topics"]["estimate"] == "emollama.v2.estimate."
 
 
 def test_latest_for_late_joiners(served, ctx):
@@ -67,7 +67,7 @@ def test_latest_for_late_joiners(served, ctx):
     assert message_errors(latest["topic"], latest["header"], latest["payload"]) == []
     assert latest["payload"]["dominant"]["label"] == LABELS[-1]
     status = ask(server, {"verb": "latest", "topic": "status"}, ctx)["result"]
-    assert status["topic"] == "emollama.v1.status"
+    assert status["topic"] == "emollama.v2.status."
 
 
 MALFORMED = [

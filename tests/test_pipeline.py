@@ -7,7 +7,7 @@ import numpy as np
 
 from edge_emollama.client import listen, request
 from edge_emollama.config import FileConfig, PublishConfig, ReasoningConfig
-from edge_emollama.protocol import message_errors
+from edge_emollama.protocol import kind_of, message_errors
 from edge_emollama.runtime.items import Presence, RowsItem, WindowStamp
 from edge_emollama.runtime.link import Consumer, LinkOptions, Producer
 from edge_emollama.runtime.pipeline import Pipeline
@@ -27,7 +27,7 @@ class Recorder:
         import zmq
 
         self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v1.")
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v2.")
         self.sock.connect(endpoint)
         self.messages, self._stop = [], threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -47,7 +47,7 @@ class Recorder:
         self.sock.close(0)
 
     def of(self, kind):
-        return [m for m in self.messages if m[0] == f"emollama.v1.{kind}"]
+        return [m for m in self.messages if kind_of(m[0]) == kind]
 
 
 def test_clip_run_publishes_valid_ordered_estimates(tiny_artifacts, sample_clip, endpoints):
@@ -223,7 +223,7 @@ def test_the_spoken_words_reach_the_prompt_and_the_estimate(tiny_artifacts, tmp_
     recorder.stop()
     pipeline.raise_errors()
     estimates = [p for _, _, p in recorder.of("estimate")]
-    assert len(estimates) >= 8 and all(message_errors("emollama.v1.estimate", h, p) == []
+    assert len(estimates) >= 8 and all(message_errors(h["topic"], h, p) == []
                                        for _, h, p in recorder.of("estimate"))
     heard = " ".join(p["subtitle"].lower() for p in estimates)
     assert estimates[0]["subtitle"] == ""                      # nothing transcribed before the first window

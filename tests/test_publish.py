@@ -16,7 +16,8 @@ from edge_emollama.runtime.fusion import Fusion
 from edge_emollama.cli import main
 from edge_emollama.client import listen
 from edge_emollama.config import HeartbeatConfig, PublishConfig
-from edge_emollama.protocol import TOPICS, decode_message, load_schema, message_errors, set_heartbeats
+from edge_emollama.protocol import (DEFAULT_SOURCE, TOPICS, decode_message, header as make_header, kind_of, load_schema,
+                                    message_errors, set_heartbeats, topic_of)
 from edge_emollama.runtime.publish import Publisher, StatusTracker
 from edge_emollama.spec import LABELS
 
@@ -35,7 +36,7 @@ def strict_loads(data: bytes):
     return json.loads(data, parse_constant=refuse)
 
 
-def subscriber(ctx, endpoint, topic=b"emollama.v1.", rcvhwm=1000):
+def subscriber(ctx, endpoint, topic=b"emollama.v2.", rcvhwm=1000):
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -76,14 +77,18 @@ def publish_windows(pub: Publisher, n: int, face=True, audio=True):
 
 
 def test_topics_are_dotted_versioned_and_prefix_free():
-    topics = list(TOPICS.values())
-    assert len(set(topics)) == len(topics)
-    for a in topics:
-        assert re.fullmatch(r"emollama\.v1\.[a-z]+", a)
-        for b in topics:
+    kinds = list(TOPICS.values())
+    assert len(set(kinds)) == len(kinds)
+    for a in kinds:
+        assert re.fullmatch(r"emollama\.v2\.[a-z]+\.", a)
+        for b in kinds:
             assert a == b or not b.startswith(a), f"{a} is a prefix of {b}"
-    schema = load_schema()
-    assert set(schema["$defs"]["header"]["properties"]["topic"]["enum"]) == set(topics)
+    people = [topic_of(kind, s, f) for kind in ("estimate", "event") for s in ("a", "a1") for f in (None, 1, 11)]
+    for a in people:   # a person's topic is a prefix of nothing but itself
+        assert sum(b.startswith(a) for b in people) == 1, a
+    pattern = re.compile(load_schema()["$defs"]["header"]["properties"]["topic"]["pattern"])
+    assert all(pattern.match(t) for t in people + [TOPICS["status"], TOPICS["reason"]])
+    assert not pattern.match(TOPICS["estimate"]) and not pattern.match("emollama.v2.estimate.a.face-1")
 
 
 def test_messages_are_strict_valid_and_sequenced(ctx):
@@ -99,12 +104,12 @@ def test_messages_are_strict_valid_and_sequenced(ctx):
         topic = frames[0].decode()
         header, payload = strict_loads(frames[1]), strict_loads(frames[2])
         assert message_errors(topic, header, payload) == []
-        assert header["topic"] == topic and header["schema_version"] == "1.1.0"
-        assert header["schema"] == "emollama." + topic.rsplit(".", 1)[1]
+        assert header["topic"] == topic and header["schema_version"] == "2.0.0"
+        assert header["schema"] == "emollama." + kind_of(topic)
         streams.add(header["stream_id"])
         seqs.setdefault(topic, []).append(header["seq"])
-        kinds[topic.rsplit(".", 1)[1]] += 1
-        if topic.endswith("estimate"):
+        kinds[kind_of(topic)] += 1
+        if kind_of(topic) == "estimate":
             window = header["window"]
             assert window["t1_ns"] - window["t0_ns"] == 2 * S
             assert math.isclose(payload["latency_ms"], (header["publish_ns"] - window["t1_ns"]) / 1e6, abs_tol=1e-3)
@@ -116,7 +121,7 @@ def test_messages_are_strict_valid_and_sequenced(ctx):
     assert kinds["estimate"] == 12 and kinds["event"] >= 1 and kinds["status"] >= 2
     for topic, seq in seqs.items():
         assert all(b > a for a, b in zip(seq, seq[1:])), topic
-    assert seqs[TOPICS["estimate"]] == list(range(12))
+    assert seqs[topic_of("estimate", DEFAULT_SOURCE, None)] == list(range(12))
     # one anchor per run, in every header
     anchors = {json.dumps(strict_loads(f[1])["clock"], sort_keys=True) for f in messages}
     assert len(anchors) == 1
@@ -161,7 +166,7 @@ def test_slow_subscriber_never_blocks(ctx):
         pub.publish_estimate(est, presence(), {}, 10_001, "ema")
         topic = None
         deadline = time.monotonic() + 2.0
-        while topic != TOPICS["estimate"] and time.monotonic() < deadline:
+        while kind_of(topic or "") != "estimate" and time.monotonic() < deadline:
             assert fresh.poll(max(1, int(1000 * (deadline - time.monotonic())))), \
                 "a new subscriber got nothing after the flood"
             topic, header, payload = decode_message(fresh.recv_multipart())
@@ -232,23 +237,25 @@ def test_status_states():
     assert tracker.snapshot()["state"] == "stopped"
 
 
-def _header(kind):
-    anchor = ClockAnchor.take()
-    return {"schema": f"emollama.{kind}", "schema_version": "1.0.0", "topic": TOPICS[kind],
-            "stream_id": "0b3e1a52-6a0f-4c1e-9d55-3f0e7d0c2a11", "seq": 0, "window": None,
-            "publish_ns": now_ns(), "clock": anchor.to_dict()}
+EVENT_TOPIC = topic_of("event", "cam", 1)
+
+
+def _header(kind, source="cam", face_id=1):
+    return make_header(kind, "0b3e1a52-6a0f-4c1e-9d55-3f0e7d0c2a11", 0, None, now_ns(), ClockAnchor.take().to_dict(),
+                  source, face_id)
 
 
 def test_schema_rejects_what_it_should():
     payload = {"kind": "presence_changed", "t_ns": 5, "modality": "face", "present": False}
-    assert message_errors(TOPICS["event"], _header("event"), payload) == []
-    assert message_errors(TOPICS["event"], _header("event"), {**payload, "present": None})
-    assert message_errors(TOPICS["event"], _header("status"), payload)  # schema name must match the topic
-    assert message_errors("emollama.v1.estimates", _header("event"), payload)
+    assert message_errors(EVENT_TOPIC, _header("event"), payload) == []
+    assert message_errors(EVENT_TOPIC, _header("event"), {**payload, "present": None})
+    assert message_errors(EVENT_TOPIC, _header("status"), payload)  # schema name must match the topic
+    assert message_errors(EVENT_TOPIC, _header("event", face_id=2), payload)  # the topic names the person
+    assert message_errors("emollama.v2.estimates.", _header("event"), payload)
     bad_header = {**_header("event"), "seq": -1}
-    assert message_errors(TOPICS["event"], bad_header, payload)
+    assert message_errors(EVENT_TOPIC, bad_header, payload)
     no_window = _header("estimate")  # an estimate must name its window
-    assert any("window" in e or "None" in e for e in message_errors(TOPICS["estimate"], no_window, {}))
+    assert any("window" in e or "None" in e for e in message_errors(no_window["topic"], no_window, {}))
 
 
 def test_listen_validates_and_prints(ctx):
@@ -278,10 +285,10 @@ def test_listen_reports_invalid_messages_and_gaps(ctx):
     def send():
         time.sleep(0.4)
         for seq in (0, 2):
-            raw.send_multipart([TOPICS["event"].encode(), json.dumps({**_header("event"), "seq": seq}).encode(),
+            raw.send_multipart([EVENT_TOPIC.encode(), json.dumps({**_header("event"), "seq": seq}).encode(),
                                 json.dumps(good).encode()])
-        raw.send_multipart([TOPICS["event"].encode(), b"{'not': json}", b"{}"])
-        raw.send_multipart([TOPICS["event"].encode(), json.dumps(_header("event")).encode(), b'{"kind": 1}'])
+        raw.send_multipart([EVENT_TOPIC.encode(), b"{'not': json}", b"{}"])
+        raw.send_multipart([EVENT_TOPIC.encode(), json.dumps(_header("event")).encode(), b'{"kind": 1}'])
     thread = threading.Thread(target=send)
     thread.start()
     err = io.StringIO()

@@ -31,23 +31,23 @@ def test_missing_camera_and_missing_source_are_one_clear_error(tiny_artifacts, c
 def test_a_signal_stops_cleanly_with_a_final_status(tiny_artifacts, sample_clip, endpoints, signum):
     pub, ctl = endpoints
     sub = zmq.Context.instance().socket(zmq.SUB)
-    sub.setsockopt_string(zmq.SUBSCRIBE, "emollama.v1.")
+    sub.setsockopt_string(zmq.SUBSCRIBE, "emollama.v2.")
     sub.connect(pub)
     proc = subprocess.Popen([sys.executable, "-m", "edge_emollama", "run", "--video", str(sample_clip),
                              "--artifacts", str(tiny_artifacts), "--publish", pub, "--control", ctl, "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         topics, deadline = [], time.monotonic() + 60
-        while "emollama.v1.estimate" not in topics and time.monotonic() < deadline:
+        while not any(t.startswith("emollama.v2.estimate.") for t in topics) and time.monotonic() < deadline:
             if sub.poll(200):
                 topics.append(sub.recv_multipart()[0].decode())
-        assert "emollama.v1.estimate" in topics, "no estimate before the signal"
+        assert any(t.startswith("emollama.v2.estimate.") for t in topics), "no estimate before the signal"
         proc.send_signal(signum)
         states, deadline = [], time.monotonic() + 20
         while "stopped" not in states and time.monotonic() < deadline:
             if sub.poll(200):
                 topic, _, payload = sub.recv_multipart()
-                if topic == b"emollama.v1.status":
+                if topic == b"emollama.v2.status.":
                     states.append(json.loads(payload)["state"])
         assert proc.wait(timeout=20) == 0
         assert "stopped" in states

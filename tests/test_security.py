@@ -52,7 +52,7 @@ def _subscriber(ctx, endpoint: str, client: ClientKeys | None):
     if client is not None:
         sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (client.server_public, client.public,
                                                                           client.secret)
-    sock.setsockopt(zmq.SUBSCRIBE, b"emollama.v1.")
+    sock.setsockopt(zmq.SUBSCRIBE, b"emollama.v2.")
     sock.connect(endpoint)
     return sock
 
@@ -115,7 +115,7 @@ def test_curve_publisher_delivers_only_to_allow_listed_keys(ctx, keys, tmp_path)
         plain = _subscriber(ctx, pub.endpoint, None)
         try:
             assert _received(allowed)
-            assert json.loads(allowed.recv_multipart()[1])["topic"] == "emollama.v1.status"
+            assert json.loads(allowed.recv_multipart()[1])["topic"] == "emollama.v2.status."
             assert not _received(unknown, 1.0) and not _received(plain, 0.2)
         finally:
             for sock in (allowed, unknown, plain):
