@@ -169,7 +169,10 @@ def cmd_demo(args, cfg: Config) -> int:
     """The tiny export on a generated clip in real time, with a header, the estimates, and what to try next."""
     from .tools.sample_clip import write_sample_clip
 
-    if not (Path(args.artifacts) / MANIFEST).is_file():
+    folder = Path(args.artifacts)
+    if not (folder / MANIFEST).is_file():
+        if folder.exists() or "tiny" not in folder.name:   # never write a tiny export into another folder
+            load_artifacts(folder)                           # says what the folder is and which export it needs
         from .export.pipeline import export
 
         log.info("no export at %s: exporting the tiny preset first (about 20 s)", args.artifacts)
