@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models with seeded random weights, files written in the original formats."""
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,35 @@ def runtime_config(artifacts, endpoints=None, *, video=None, realtime=True, **ch
                 encoders=EncoderConfig(threads=1), llm=LlmConfig(threads=1),
                 publish=PublishConfig(endpoint=endpoints[0]), control=ControlConfig(endpoint=endpoints[1]))
     return RuntimeConfig(**{**base, **changes})
+
+
+class Recorder:
+    """A subscriber thread that keeps every message (topic, header, payload)."""
+
+    def __init__(self, endpoint):
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.SUB)
+        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v2.")
+        self.sock.connect(endpoint)
+        self.messages, self._stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        time.sleep(0.3)
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                topic, header, payload = self.sock.recv_multipart()
+                self.messages.append((topic.decode(), json.loads(header), json.loads(payload)))
+
+    def stop(self):
+        time.sleep(0.3)
+        self._stop.set()
+        self.thread.join()
+        self.sock.close(0)
+
+    def of(self, kind):
+        from edge_emollama.protocol import kind_of
+
+        return [m for m in self.messages if kind_of(m[0]) == kind]

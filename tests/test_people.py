@@ -1,7 +1,5 @@
 """Several people and several sources: tracks with stable ids, one estimate stream per person, fair links,
 topics per source and person, two files in one runtime (real clips, real sockets, the tiny export)."""
-import json
-import threading
 import time
 from collections import defaultdict
 
@@ -23,7 +21,7 @@ from edge_emollama.runtime.tracks import Tracker
 from edge_emollama.runtime.windows import WindowPlan, WindowScheduler
 from edge_emollama.tools.sample_clip import group_centres, write_group_clip
 
-from conftest import runtime_config
+from conftest import Recorder, runtime_config
 
 SECONDS, AWAY = 6.0, (2, 2.0, 4.0)      # person 2 leaves at 2 s and comes back at 4 s
 
@@ -116,39 +114,11 @@ def test_people_of_a_window_share_the_frame_and_audio_but_not_the_crops(group_cl
 
 
 # --- one stream per person, end to end ---------------------------------------------------------------------
-class Subscriber:
-    def __init__(self, endpoint, prefix=ALL):
-        import zmq
-
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt_string(zmq.SUBSCRIBE, prefix)
-        self.sock.connect(endpoint)
-        self.messages, self._stop = [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        time.sleep(0.3)
-
-    def _run(self):
-        while not self._stop.is_set():
-            if self.sock.poll(100):
-                topic, head, payload = self.sock.recv_multipart()
-                self.messages.append((topic.decode(), json.loads(head), json.loads(payload)))
-
-    def stop(self):
-        time.sleep(0.3)
-        self._stop.set()
-        self.thread.join()
-        self.sock.close(0)
-
-    def of(self, kind):
-        return [m for m in self.messages if kind_of(m[0]) == kind]
-
-
 def _run(artifacts, endpoints, videos, **changes):
     seen = []
     config = runtime_config(artifacts, endpoints, realtime=False, **changes)
     config.sources = SourcesConfig(video=[str(v) for v in videos], realtime=False)
-    subscriber = Subscriber(endpoints[0])
+    subscriber = Recorder(endpoints[0])
     pipeline = Pipeline(config, on_estimate=lambda fused, item: seen.append((item.stamp.stream, item.index,
                                                                               item.probabilities))).start()
     assert pipeline.wait(timeout_s=300)

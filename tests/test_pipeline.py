@@ -1,5 +1,4 @@
 """The streaming runtime end to end on the tiny preset, with real sockets and a real sample clip."""
-import json
 import threading
 import time
 
@@ -7,47 +6,17 @@ import numpy as np
 
 from edge_emollama.client import listen, request
 from edge_emollama.config import FileConfig, PublishConfig, ReasoningConfig
-from edge_emollama.protocol import kind_of, message_errors
+from edge_emollama.protocol import message_errors
 from edge_emollama.runtime.items import Presence, RowsItem, WindowStamp
 from edge_emollama.runtime.link import Consumer, LinkOptions, Producer
 from edge_emollama.runtime.pipeline import Pipeline
 from edge_emollama.spec import LABELS
 
-from conftest import runtime_config
+from conftest import Recorder, runtime_config
 
 
 def _options(artifacts, clip, endpoints, realtime=True, **kw):
     return runtime_config(artifacts, endpoints, video=clip, realtime=realtime, **kw)
-
-
-class Recorder:
-    """A subscriber thread that keeps every message (topic, header, payload)."""
-
-    def __init__(self, endpoint):
-        import zmq
-
-        self.sock = zmq.Context.instance().socket(zmq.SUB)
-        self.sock.setsockopt_string(zmq.SUBSCRIBE, "emollama.v2.")
-        self.sock.connect(endpoint)
-        self.messages, self._stop = [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        time.sleep(0.3)
-
-    def _run(self):
-        while not self._stop.is_set():
-            if self.sock.poll(100):
-                topic, header, payload = self.sock.recv_multipart()
-                self.messages.append((topic.decode(), json.loads(header), json.loads(payload)))
-
-    def stop(self):
-        time.sleep(0.3)
-        self._stop.set()
-        self.thread.join()
-        self.sock.close(0)
-
-    def of(self, kind):
-        return [m for m in self.messages if kind_of(m[0]) == kind]
 
 
 def test_clip_run_publishes_valid_ordered_estimates(tiny_artifacts, sample_clip, endpoints):
