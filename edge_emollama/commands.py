@@ -96,7 +96,7 @@ def sources_of(args, runtime: RuntimeConfig):
 def cmd_run(args, cfg: Config) -> int:
     runtime = cfg.runtime
     runtime.sources = sources = sources_of(args, runtime)
-    if "capture" in runtime.stages and not (sources.camera or sources.microphone or sources.video):
+    if "capture" in runtime.stages and not sources.any:
         raise InputError("no source: give --camera 0, --mic or --video FILE (or try 'edge-emollama demo')")
     artifacts = load_artifacts(runtime.artifacts)
     if artifacts.manifest.preset == "tiny":

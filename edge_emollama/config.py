@@ -413,7 +413,8 @@ class RuntimeConfig:
         if not 1 <= self.max_faces <= 16:
             raise ConfigError(f"runtime.max_faces = {self.max_faces}: use 1 to 16 (each person costs MAE, VideoMAE "
                               "and an LLM call per window)")
-        for section in (self.faces, self.tracks, self.windows, self.asr, self.encoders, self.llm, self.fusion, self.publish):
+        for section in (self.faces, self.tracks, self.windows, self.asr, self.encoders, self.llm, self.fusion,
+                        self.publish):
             section.validate()
         return self
 
@@ -459,7 +460,7 @@ def _coerce(kind, value, path: str):
     if base is str and isinstance(value, int) and not isinstance(value, bool):
         return str(value)   # camera: 0
     if base is list and isinstance(value, (str, int)) and not isinstance(value, bool):
-        return [str(value)]   # camera: 0, video: clip.mp4
+        return _as_list(value)   # camera: 0, video: clip.mp4
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise ConfigError(f"'{path}' must be {base.__name__}, got {value!r}")
     return value

@@ -31,8 +31,8 @@ from .errors import ConfigError, InputError
 from .lazy import require
 from .security import ALLOW_CLIENTS, Security, security_of, serve_curve
 
-__all__ = ["TOPICS", "ALL", "DEFAULT_SOURCE", "SCHEMA_VERSION", "SCHEMA_PATH", "topic_of", "kind_of", "check_source_name",
-           "dumps", "header", "encode_message",
+__all__ = ["TOPICS", "ALL", "DEFAULT_SOURCE", "SCHEMA_VERSION", "SCHEMA_PATH", "topic_of", "kind_of",
+           "check_source_name", "dumps", "header", "encode_message",
            "decode_message", "load_schema", "schema_errors", "message_errors", "set_heartbeats", "bind_socket",
            "check_loopback", "is_loopback"]
 

@@ -136,7 +136,7 @@ class Consumer:
 
     def _hold(self, item) -> None:
         """Keep ``item`` as its stream's newest (replacing an older one in place: it keeps its turn)."""
-        stream = getattr(getattr(item, "stamp", None), "stream", None)
+        stream = item.stamp.stream
         self.replaced += stream in self._slots
         self._slots[stream] = item
         while len(self._slots) > MAX_STREAMS:

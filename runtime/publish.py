@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 from ..config import PublishConfig, SecurityConfig
 from ..errors import ConfigError, InputError
 from ..lazy import require
-from ..protocol import DEFAULT_SOURCE, PER_PERSON, TOPICS, bind_socket, dumps, encode_message, header
+from ..protocol import (DEFAULT_SOURCE, PER_PERSON, TOPICS, bind_socket, check_source_name, dumps, encode_message,
+                        header)
 from ..security import Security, security_of
 from .clock import NS_PER_S, ClockAnchor, now_ns, run_anchor
 from .fusion import FusedEstimate, FusionEvent
@@ -296,9 +297,10 @@ class Publisher:
             raise InputError(f"unknown message kind '{kind}': use one of {sorted(TOPICS)}")
         if kind == "estimate" and window is None:
             raise InputError("an estimate needs its capture window (t0_ns, t1_ns)")
+        if kind in PER_PERSON:
+            check_source_name(stream[0])   # it becomes part of the topic
         try:
             dumps(payload)
-            header(kind, self.stream_id, 0, window, 0, {}, *stream)   # a bad source name fails here
         except (TypeError, ValueError) as exc:
             raise InputError(f"{kind} payload is not strict JSON ({exc}): no NaN/Infinity, only JSON types") from exc
         return self._put((kind, payload, window, tuple(stream)))

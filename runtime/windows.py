@@ -213,9 +213,8 @@ class WindowBuilder:
         items = []
         for face_id in people or [None]:
             timings, person_spans = dict(shared_ms), dict(spans)
-            vision, fraction, box = self._vision(frames, [_face_of(t, face_id) for t in tracked], t1_ns, timings,
-                                                 person_spans, face_id)
-            present = fraction > 0 and fraction >= plan.tuning.min_face_fraction
+            vision, fraction, present, box = self._vision(frames, [_face_of(t, face_id) for t in tracked], t1_ns,
+                                                          timings, person_spans, face_id)
             presence = Presence(video=bool(frames) or chosen is not None, face=present, face_fraction=fraction,
                                 **heard)
             timings["window_ms"] = (time.perf_counter() - started) * 1e3
@@ -240,7 +239,8 @@ class WindowBuilder:
         return people[:self.faces.max_faces] if self.faces is not None else []
 
     def _vision(self, frames: list, faces: list, t1_ns: int, timings: dict, spans: dict, face_id) -> tuple:
-        """One person's MAE and VideoMAE inputs: (item fields, fraction of frames with the face, last box)."""
+        """One person's MAE and VideoMAE inputs: (item fields, fraction of frames with the face, whether that
+        makes the face present, its last box)."""
         plan = self.plan
         detected = np.array([f is not None for f in faces], bool)
         fraction = float(detected.mean()) if detected.size else 0.0
@@ -263,7 +263,7 @@ class WindowBuilder:
         last = next((f.box for f in reversed(faces) if f is not None), None)
         return dict(frame_times_ns=times, face_detected=detected, face_crops=crops,
                     face_boxes=np.array([[b.x, b.y, b.w, b.h] if b else [-1] * 4 for b in boxes],
-                                        np.int32).reshape(-1, 4), **video), fraction, \
+                                        np.int32).reshape(-1, 4), **video), fraction, present, \
             None if last is None else [last.x, last.y, last.w, last.h]
 
     def _crop(self, image: np.ndarray, face) -> np.ndarray:

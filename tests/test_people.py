@@ -240,3 +240,13 @@ def test_run_annotate_writes_every_frame_with_each_persons_box(group_clip, tiny_
     drawn = [f for f in sorted({f for (_, f), _, _ in seen if f is not None})
              if (np.abs(rgb - np.array(colour_of(f))).sum(axis=2) < 40).sum() > 50]
     assert len(drawn) == 2, drawn
+
+
+def test_annotate_without_capture_in_this_process_is_refused(tiny_artifacts, endpoints, tmp_path):
+    from edge_emollama.config import OutputsConfig
+
+    config = runtime_config(tiny_artifacts, endpoints, stages=["publish"],
+                            outputs=OutputsConfig(annotate=str(tmp_path / "out.mp4")))
+    with pytest.raises(ConfigError, match="capture stage"):
+        Pipeline(config).start()
+    assert not list(tmp_path.iterdir())

@@ -60,8 +60,9 @@ class StreamLog:
     @property
     def name(self) -> str:
         """run id (8 hex), and the source and person: ``1a2b3c4d clip/face-2``."""
-        who = "" if self.source is None else f" {self.source}/{'scene' if self.face_id is None else f'face-{self.face_id}'}"
-        return f"{self.stream_id[:8]}{who}"
+        if self.source is None:
+            return self.stream_id[:8]
+        return f"{self.stream_id[:8]} {self.source}/{'scene' if self.face_id is None else f'face-{self.face_id}'}"
 
 
 def load_streams(messages: list[dict]) -> dict[tuple, StreamLog]:

@@ -184,7 +184,9 @@ def write_group_clip(path: str | os.PathLike, faces: int = 2, seconds: float = 6
     av = require("av")
     path = Path(path)
     audio = _voice(voice, seconds)
-    people = lambda t: group_centres(faces, t, size, away, cross)   # noqa: E731
+    def people(t: float) -> list:
+        return group_centres(faces, t, size, away, cross)
+
     with _open_output(av, path) as container:
         vstream = container.add_stream("libx264", rate=fps)
         vstream.width, vstream.height, vstream.pix_fmt = size[0], size[1], "yuv420p"
