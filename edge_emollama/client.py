@@ -752,9 +752,11 @@ def _latest_record(kind: str, result: dict | None) -> Record | None:
     return from_message(result["topic"], result["header"], result["payload"])
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in TOPICS:
-        raise InputError(f"unknown kind {kind!r}{did_you_mean(kind, TOPICS)}: use one of {sorted(TOPICS)}")
+def _check_kind(kind: str, topics: bool = False) -> None:
+    """``kind`` names a kind (or, with ``topics``, a full topic of this version); InputError otherwise."""
+    if kind not in TOPICS and not (topics and kind_of(kind) is not None):
+        also = " or a full topic such as emollama.v2.estimate.SOURCE.face-1." if topics else ""
+        raise InputError(f"unknown kind {kind!r}{did_you_mean(kind, TOPICS)}: use one of {sorted(TOPICS)}{also}")
 
 
 class Control:
@@ -783,8 +785,9 @@ class Control:
         return from_message(TOPICS["status"], None, self.ask("status"))
 
     def latest(self, kind: str = "estimate") -> Record | None:
-        """The last message the runtime sent on ``kind``'s topic, as a record (None if none yet)."""
-        _check_kind(kind)
+        """The last message the runtime sent of ``kind`` (about anyone), or on one full topic (one person's:
+        ``emollama.v2.estimate.hall.face-1.``), as a record (None if none yet)."""
+        _check_kind(kind, topics=True)
         return _latest_record(kind, self.ask("latest", topic=kind))
 
     def schema(self) -> dict:
@@ -816,7 +819,7 @@ class AsyncControl(Control):
         return from_message(TOPICS["status"], None, await self.ask("status"))
 
     async def latest(self, kind: str = "estimate") -> Record | None:
-        _check_kind(kind)
+        _check_kind(kind, topics=True)
         return _latest_record(kind, await self.ask("latest", topic=kind))
 
     async def schema(self) -> dict:

@@ -18,6 +18,7 @@ from .client import explain, listen
 from .config import Config, RuntimeConfig
 from .errors import ConfigError, InputError
 from .manifest import MANIFEST, Artifacts, load_artifacts
+from .progress import Progress
 from .protocol import ALL
 from .security import ClientKeys, load_client_keys, write_keys
 from .runtime.pipeline import Pipeline
@@ -44,17 +45,54 @@ def _given(args, key: str) -> bool:
 
 def print_estimate(fused, item) -> None:
     presence = item.presence
-    face = "face" if presence.face else "no face"
+    source, face_id = item.stamp.stream
+    who = f"{source}/{'scene' if face_id is None else f'face-{face_id}'}"
     audio = "audio" if presence.audio else "no audio"
     top = sorted(zip(fused.smoothed, fused.labels), reverse=True)[:3]
-    print(f"window {item.index:4d} [{face}, {audio}] {fused.dominant:9s} " +
+    print(f"window {item.index:4d} {who} [{audio}] {fused.dominant:9s} " +
           "  ".join(f"{label} {p:.2f}" for p, label in top), flush=True)
+
+
+class _FileProgress:
+    """The windows of a file run done so far, as a progress bar (runtime sources that are files only)."""
+
+    def __init__(self):
+        self.bar, self._done = None, {}   # source -> windows done (its newest index + 1)
+
+    def start(self, pipeline: Pipeline, runtime: RuntimeConfig, enabled: bool) -> None:
+        if pipeline.capture is None or not enabled:
+            return
+        total = pipeline.capture.file_windows(pipeline.plan.window_s, pipeline.plan.hop_s)
+        if total is not None:
+            names = ", ".join(Path(v).name for v in runtime.sources.video)
+            self.bar = Progress(total, f"run {names}", "windows").start()
+
+    def __call__(self, item) -> None:
+        if self.bar is None:
+            return
+        source, done = item.stamp.source, item.index + 1
+        if done > self._done.get(source, 0):
+            self.bar.update(done - self._done.get(source, 0))
+            self._done[source] = done
+
+    def close(self, failed: bool) -> None:
+        if self.bar is not None:
+            self.bar.close(failed=failed)
 
 
 def run_pipeline(runtime: RuntimeConfig, artifacts: Artifacts, *, quiet: bool = False,
                  max_windows: int | None = None) -> int:
-    """Start, wait for the end of the input or a signal, stop cleanly. A second signal exits at once."""
-    pipeline = Pipeline(runtime, artifacts, on_estimate=None if quiet else print_estimate, max_windows=max_windows)
+    """Start, wait for the end of the input or a signal, stop cleanly. A second signal exits at once.
+    Files show a progress bar on stderr when the estimates are not printed to a terminal (--quiet, or stdout
+    redirected)."""
+    progress = _FileProgress()
+
+    def on_estimate(fused, item):
+        if not quiet:
+            print_estimate(fused, item)
+        progress(item)
+
+    pipeline = Pipeline(runtime, artifacts, on_estimate=on_estimate, max_windows=max_windows)
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -70,10 +108,12 @@ def run_pipeline(runtime: RuntimeConfig, artifacts: Artifacts, *, quiet: bool = 
         pipeline.start()
         log.info("publishing on %s, control on %s", pipeline.publisher.endpoint if pipeline.publisher else "-",
                  runtime.control.endpoint)
+        progress.start(pipeline, runtime, enabled=quiet or not sys.stdout.isatty())
         while not pipeline.wait(timeout_s=0.5):
             if pipeline.stop_event.is_set():
                 break
         pipeline.stop()
+        progress.close(failed=bool(pipeline.errors) or stopping.is_set())
         pipeline.raise_errors()
         log.info("stopped after %d estimates", pipeline.published)
         return 0

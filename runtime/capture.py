@@ -186,6 +186,18 @@ class Capture:
         """The first feed's speech recognition worker (None without --asr)."""
         return next((feed.asr for feed in self.feeds if feed.asr is not None), None)
 
+    def file_windows(self, window_s: float, hop_s: float) -> int | None:
+        """How many windows the run's files hold (for a progress bar); None when a source is live or a file's
+        length is unknown."""
+        total = 0
+        for feed in self.feeds:
+            for source in feed.sources:
+                seconds = getattr(source, "duration_s", None) if isinstance(source, VideoFileSource) else None
+                if seconds is None:
+                    return None
+                total += int((seconds - window_s) // hop_s) + 1 if seconds >= window_s else 0
+        return total
+
     def next_window(self, timeout_s: float) -> WindowItem | None:
         """The next item of the feeds in turn (None when none had one within ``timeout_s``, or at the end)."""
         live = [feed for feed in self.feeds if not feed.scheduler.ended]

@@ -30,7 +30,7 @@ from typing import Callable
 from ..config import ControlConfig
 from ..errors import EdgeEmollamaError
 from ..lazy import require
-from ..protocol import SCHEMA_VERSION, TOPICS, bind_socket, dumps, load_schema
+from ..protocol import SCHEMA_VERSION, TOPICS, bind_socket, dumps, kind_of, load_schema
 from .clock import ClockAnchor, now_ns, run_anchor
 
 __all__ = ["ControlServer", "RequestRefused", "handle_request", "encode_reply", "VERBS", "MAX_DEPTH",
@@ -193,9 +193,10 @@ def _dispatch(verb: str, request: dict, status, latest, explain, info: dict, cli
         return status()
     if verb == "latest":
         topic = request.get("topic", "estimate")
-        if not isinstance(topic, str) or topic not in TOPICS:
+        if not isinstance(topic, str) or (topic not in TOPICS and kind_of(topic) is None):
             shown = f"{topic[:32]!r}" if isinstance(topic, str) else type(topic).__name__
-            raise _RequestError("bad_request", f"'topic' must be one of {sorted(TOPICS)}, got {shown}")
+            raise _RequestError("bad_request", f"'topic' must be one of {sorted(TOPICS)} or a full topic such as "
+                                               f"emollama.v2.estimate.SOURCE.face-1., got {shown}")
         return latest(topic)
     if verb == "schema":
         return {"schema_version": SCHEMA_VERSION, "topics": dict(TOPICS), "schema": load_schema()}

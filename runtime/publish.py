@@ -37,6 +37,7 @@ __all__ = ["Publisher", "StatusTracker", "Sink", "estimate_payload"]
 log = logging.getLogger(__name__)
 _STOP = object()
 MAX_TOPICS = 1024   # per-topic seq counters kept (one per person and source that was estimated)
+MAX_LATEST = 256    # per-topic last messages kept for the control verb ``latest``
 FAULT_S = 60.0   # how long a component's failure keeps the status 'degraded' after it restarted
 Sink = Callable[[str, dict, dict], None]   # sink(topic, header, payload); an optional close() is called at the end
 
@@ -226,7 +227,8 @@ class Publisher:
         self.tracker = StatusTracker(options.stall_s, options.latency_budget_ms)
         self._queue: queue.Queue = queue.Queue(maxsize=options.queue_size)
         self._seq: OrderedDict[str, int] = OrderedDict()   # topic -> next seq (the newest MAX_TOPICS topics)
-        self._latest: dict[str, dict] = {}
+        self._latest: dict[str, dict] = {}                     # kind -> its last message
+        self._latest_by_topic: OrderedDict[str, dict] = OrderedDict()   # topic -> its last (newest MAX_LATEST)
         self._lock = threading.Lock()
         self._socket = None
         self._thread: threading.Thread | None = None
@@ -316,9 +318,10 @@ class Publisher:
         return self.publish("event", event if isinstance(event, dict) else event.to_dict(), window, stream)
 
     def latest(self, kind: str = "estimate") -> dict | None:
-        """The last message sent on ``kind``'s topic as ``{"topic", "header", "payload"}`` (None if none)."""
+        """The last message of ``kind`` (about anyone), or of one full topic (one person's, e.g.
+        ``emollama.v2.estimate.hall.face-1.``), as ``{"topic", "header", "payload"}`` (None if none)."""
         with self._lock:
-            item = self._latest.get(kind)
+            item = self._latest.get(kind) if kind in TOPICS else self._latest_by_topic.get(kind)
             return json.loads(json.dumps(item)) if item is not None else None
 
     def _put(self, item, force: bool = False) -> bool:
@@ -371,7 +374,11 @@ class Publisher:
         except zmq.Again:
             self.tracker.record_send_dropped()
         with self._lock:
-            self._latest[kind] = {"topic": head["topic"], "header": head, "payload": payload}
+            self._latest[kind] = self._latest_by_topic[head["topic"]] = {"topic": head["topic"], "header": head,
+                                                                         "payload": payload}
+            self._latest_by_topic.move_to_end(head["topic"])
+            while len(self._latest_by_topic) > MAX_LATEST:
+                self._latest_by_topic.popitem(last=False)
         self.tracker.record_sent(kind, head["seq"], payload, publish_ns)
         self._feed_sinks(head["topic"], head, payload)
 

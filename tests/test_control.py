@@ -450,3 +450,26 @@ def test_a_subtitle_that_cannot_fit_is_refused_at_once(reasoner, ctx):
     assert worker.refused["too_long"] == 2
     assert worker._pending == [] and pub.tracker.snapshot()["counters"]["errors"] == errors
     sock.close(0)
+
+
+def test_latest_of_one_person(served, ctx):
+    pub, server = served
+    presence = {"video": {"present": True}, "face": {"present": True, "fraction": 1.0},
+                "audio": {"present": False, "active": False, "rms": 0.0, "coverage": 0.0}}
+    t = now_ns()
+    for face_id, winner in ((1, 0), (2, 3), (1, 5)):
+        scores = np.ones(len(LABELS))
+        scores[winner] = 50.0
+        est = Fusion().update(scores, t - 2 * S, t, presence)
+        pub.publish_estimate(est, presence, {}, 0, "ema", stream=("hall", face_id), box=[1, 2, 3, 4])
+    one, two = "emollama.v2.estimate.hall.face-1.", "emollama.v2.estimate.hall.face-2."
+    deadline = time.monotonic() + 3
+    while pub.latest(one) is None or pub.latest(one)["payload"]["dominant"]["label"] != LABELS[5]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert ask(server, {"verb": "latest", "topic": two}, ctx)["result"]["payload"]["dominant"]["label"] == LABELS[3]
+    assert ask(server, {"verb": "latest", "topic": one}, ctx)["result"]["header"]["face_id"] == 1
+    assert ask(server, {"verb": "latest"}, ctx)["result"]["topic"] == one          # the newest of anyone
+    assert ask(server, {"verb": "latest", "topic": "emollama.v2.estimate.hall.face-9."}, ctx)["result"] is None
+    bad = request(server.endpoint, {"verb": "latest", "topic": "emollama.v2.estimate.hall"}, timeout_s=3.0, context=ctx)
+    assert not bad["ok"] and bad["error"]["code"] == "bad_request"

@@ -122,3 +122,16 @@ def test_explain_honours_its_timeout(capsys):
                  "--timeout", "1"])
     assert code == 2 and time.monotonic() - start < 2.0
     assert "no reply from the control socket" in capsys.readouterr().err
+
+
+def test_a_quiet_file_run_shows_its_progress_and_a_loud_one_names_each_person(tiny_artifacts, sample_clip, endpoints,
+                                                                               capsys):
+    pub, ctl = endpoints
+    args = ["run", "--video", f"solo={sample_clip}", "--fast", "--artifacts", str(tiny_artifacts), "--publish", pub,
+            "--control", ctl]
+    assert main(args + ["--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and f"run {sample_clip.name}: 5/5 windows in" in err   # 4 s clip, W 2 s, H 0.5 s
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and all(line.split()[2] == "solo/face-1" for line in lines)
