@@ -148,6 +148,8 @@ def _explain_parser(sub, common) -> None:
                        help="ask a running runtime for the [reason] explanation of the latest window")
     _endpoints(p)
     p.add_argument("--subtitle", help="transcript line to reason with")
+    p.add_argument("--person", metavar="SOURCE/FACE",
+                   help="that person's newest window, e.g. hall/face-1 or hall/scene (default: the newest of anyone)")
     p.add_argument("-t", "--timeout", type=float, default=30.0, help="seconds for the whole request (default 30)")
     _connect_securely(p)
 

@@ -211,8 +211,10 @@ def request(endpoint: str, payload: dict | bytes, timeout_s: float = 2.0, contex
 
 
 def explain(control: str, publish: str, subtitle: str | None = None, timeout_s: float = 30.0,
-            settle_s: float = 0.3, keys: ClientKeys | None = None, context=None) -> str:
-    """The ``[reason]`` text of the latest window, all within ``timeout_s``.
+            settle_s: float = 0.3, keys: ClientKeys | None = None, context=None, *,
+            person: tuple | None = None) -> str:
+    """The ``[reason]`` text of the latest window (``person``: ``(source, face_id)``, that person's newest
+    window), all within ``timeout_s``.
 
     Subscribes to the reason topic first (PUB/SUB drops what is sent before a subscription takes), asks the
     control socket, then waits for the text with the request's id. A refusal is a ControlError (its ``code``)."""
@@ -223,7 +225,7 @@ def explain(control: str, publish: str, subtitle: str | None = None, timeout_s: 
     sub.connect(publish)
     try:
         time.sleep(min(settle_s, timeout_s / 4))
-        ask = {"verb": "explain", **({"subtitle": subtitle} if subtitle else {})}
+        ask = _explain_ask(subtitle, person)
         request_id = _explain_request_id(request(control, ask, timeout_s=_left(deadline), context=context,
                                                  keys=keys))
         while (left := deadline - time.monotonic()) > 0:
@@ -234,6 +236,14 @@ def explain(control: str, publish: str, subtitle: str | None = None, timeout_s: 
         raise _no_explanation(timeout_s, request_id)
     finally:
         sub.close(0)
+
+
+def _explain_ask(subtitle: str | None, person: tuple | None) -> dict:
+    """The explain request: the subtitle when given, the person when named."""
+    ask = {"verb": "explain", **({"subtitle": subtitle} if subtitle else {})}
+    if person is not None:
+        ask["source"], ask["face_id"] = person
+    return ask
 
 
 def _explain_request_id(reply: dict) -> str:
@@ -793,9 +803,11 @@ class Control:
     def schema(self) -> dict:
         return self.ask("schema")
 
-    def explain(self, subtitle: str | None = None, timeout_s: float = 30.0) -> str:
-        """The ``[reason]`` text of the latest window (client.explain: subscribes to the reason topic first)."""
-        return explain(self.endpoint, self.publish, subtitle, timeout_s, keys=self.keys, context=self.context)
+    def explain(self, subtitle: str | None = None, timeout_s: float = 30.0, *, person: tuple | None = None) -> str:
+        """The ``[reason]`` text of the latest window, or of one person's (``person``: ``(source, face_id)``);
+        client.explain: subscribes to the reason topic first."""
+        return explain(self.endpoint, self.publish, subtitle, timeout_s, keys=self.keys, context=self.context,
+                       person=person)
 
 
 class AsyncControl(Control):
@@ -825,7 +837,8 @@ class AsyncControl(Control):
     async def schema(self) -> dict:
         return await self.ask("schema")
 
-    async def explain(self, subtitle: str | None = None, timeout_s: float = 30.0, settle_s: float = 0.3) -> str:
+    async def explain(self, subtitle: str | None = None, timeout_s: float = 30.0, settle_s: float = 0.3, *,
+                      person: tuple | None = None) -> str:
         zmq = require("zmq")
         deadline = time.monotonic() + timeout_s
         sub = _socket(zmq.SUB, self.context, self.keys)
@@ -833,7 +846,7 @@ class AsyncControl(Control):
         sub.connect(self.publish)
         try:
             await asyncio.sleep(min(settle_s, timeout_s / 4))
-            ask = {"verb": "explain", **({"subtitle": subtitle} if subtitle else {})}
+            ask = _explain_ask(subtitle, person)
             reply = await _request_async(self.endpoint, ask, _left(deadline), self.context, self.keys)
             request_id = _explain_request_id(reply)
             while (left := deadline - time.monotonic()) > 0:

@@ -172,8 +172,21 @@ def cmd_listen(args, cfg: Config) -> int:
 
 def cmd_explain(args, cfg: Config) -> int:
     print(explain(cfg.runtime.control.endpoint, cfg.runtime.publish.endpoint, args.subtitle, args.timeout,
-                  keys=client_keys(args, cfg)))
+                  keys=client_keys(args, cfg), person=_person(args.person)))
     return 0
+
+
+def _person(text: str | None) -> tuple | None:
+    """``hall/face-1`` -> ("hall", 1); ``hall/scene`` -> ("hall", None); None -> None."""
+    if text is None:
+        return None
+    source, _, who = text.partition("/")
+    if who == "scene":
+        return source, None
+    if who.startswith("face-") and who[5:].isdigit():
+        return source, int(who[5:])
+    raise InputError(f"--person {text!r}: use SOURCE/face-ID or SOURCE/scene, e.g. hall/face-1 (the topic's "
+                     "last two parts)")
 
 
 def cmd_keys(args, cfg: Config) -> int:

@@ -209,6 +209,11 @@ def _explain(request: dict, explain: ExplainCallback | None, client: bytes):
                                            "(start the runtime with reasoning enabled)")
     if "subtitle" in request and not isinstance(request["subtitle"], str):
         raise _RequestError("bad_request", "'subtitle' must be a string")
+    if "source" in request and not isinstance(request["source"], str):
+        raise _RequestError("bad_request", "'source' must be a source's name (a string)")
+    face_id = request.get("face_id")
+    if face_id is not None and (not isinstance(face_id, int) or isinstance(face_id, bool) or face_id < 1):
+        raise _RequestError("bad_request", "'face_id' must be a track id (an integer >= 1) or null for the scene")
     args = {k: v for k, v in request.items() if k not in ("verb", "id")}
     try:
         return explain(args, client)

@@ -206,7 +206,7 @@ class Pipeline:
                 waited = (now_ns() - item.stamp.sent_ns) / 1e6
                 probabilities, llm_ms = stage(item.rows, subtitle)
                 if self.reasoner is not None:
-                    self.reasoner.remember(item.rows, subtitle, item.t1_ns)
+                    self.reasoner.remember(item.rows, subtitle, item.t1_ns, item.stamp.stream)
                 stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_llm_ms=waited, llm_ms=llm_ms)
                 self._send(outbox, ScoresItem(dataclasses.replace(stamp, subtitle=subtitle), probabilities))
         finally:

@@ -22,11 +22,12 @@ from typing import Callable
 from ..config import ReasoningConfig
 from ..errors import EdgeEmollamaError, InputError
 from ..prompt import prompt_parts
-from ..protocol import TOPICS
+from ..protocol import DEFAULT_SOURCE, TOPICS
 from .control import RequestRefused
 from .llm import LlamaCppScorer
 
 log = logging.getLogger(__name__)
+MAX_STREAMS = 64   # people whose newest window an explain request may name
 UNTRAINED_NOTE = "[untrained model with seeded random weights: this text means nothing]"
 
 
@@ -75,16 +76,33 @@ class ReasoningWorker:
         self.refused = {"rate_limited": 0, "too_long": 0}   # explain requests refused before queueing, by code
         self._base_positions = self._positions("")     # the prompt without a subtitle
         self.max_subtitle_tokens = self.scorer.n_ctx - max_tokens - self._base_positions
-        self._latest = None
+        self._latest = None                            # (rows, subtitle, t1_ns, stream) of the newest window
+        self._by_stream: OrderedDict = OrderedDict()   # (source, face_id) -> the same, for the newest MAX_STREAMS
         self._pending: list = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="reasoning", daemon=True)
         self._thread.start()
 
-    def remember(self, rows, subtitle: str, t1_ns: int) -> None:
-        """Called by the LLM stage for every window (keeps a reference, no copy)."""
-        self._latest = (rows, subtitle, t1_ns)
+    def remember(self, rows, subtitle: str, t1_ns: int, stream: tuple = (DEFAULT_SOURCE, None)) -> None:
+        """Called by the LLM stage for every window of every person (keeps a reference, no copy)."""
+        self._latest = self._by_stream[tuple(stream)] = (rows, subtitle, t1_ns, tuple(stream))
+        self._by_stream.move_to_end(tuple(stream))
+        while len(self._by_stream) > MAX_STREAMS:
+            self._by_stream.popitem(last=False)
+
+    def _window(self, args: dict) -> tuple:
+        """The remembered window the request asks about: one person's (``source``, ``face_id``) or the newest."""
+        if "source" not in args and "face_id" not in args:
+            if self._latest is None:
+                raise InputError("no window has been scored yet; ask again once estimates are flowing")
+            return self._latest
+        stream = (args.get("source", DEFAULT_SOURCE), args.get("face_id"))
+        if stream not in self._by_stream:
+            known = ", ".join(f"{s}/{'scene' if f is None else f'face-{f}'}" for s, f in self._by_stream) or "none"
+            raise InputError(f"no window of source {stream[0]!r} face_id {stream[1]} has been scored recently "
+                             f"(scored: {known})")
+        return self._by_stream[stream]
 
     def _positions(self, subtitle: str) -> int:
         """Positions the reasoning prompt with ``subtitle`` takes (tokens and media rows)."""
@@ -104,9 +122,7 @@ class ReasoningWorker:
     def request(self, args: dict, client: bytes = b"") -> dict:
         """The control verb ``explain`` from ``client`` (its routing identity): check, queue the request and
         return its id at once. RequestRefused ``too_long`` / ``rate_limited`` before anything is queued."""
-        if self._latest is None:
-            raise InputError("no window has been scored yet; ask again once estimates are flowing")
-        rows, subtitle, t1_ns = self._latest
+        rows, subtitle, t1_ns, stream = self._window(args)
         subtitle = args.get("subtitle", subtitle)
         self.check_subtitle(subtitle)
         request_id = uuid.uuid4().hex[:12]
@@ -121,10 +137,10 @@ class ReasoningWorker:
             if len(self._pending) >= 1:
                 return {"request_id": None, "status": "busy", "message": "a reasoning request is already waiting"}
             self.budget.admit(client)
-            self._pending.append((request_id, rows, subtitle, t1_ns))
+            self._pending.append((request_id, rows, subtitle, stream))
             self._cond.notify()
         return {"request_id": request_id, "status": "queued", "window_t1_ns": int(t1_ns),
-                "topic": TOPICS["reason"]}
+                "topic": TOPICS["reason"], "source": stream[0], "face_id": stream[1]}
 
     def _run(self) -> None:
         while True:
@@ -133,15 +149,15 @@ class ReasoningWorker:
                     self._cond.wait()
                 if self._closed:
                     return
-                request_id, rows, subtitle, t1_ns = self._pending.pop(0)
+                request_id, rows, subtitle, stream = self._pending.pop(0)
             try:
-                self._answer(request_id, rows, subtitle)
+                self._answer(request_id, rows, subtitle, stream)
             except Exception as exc:   # the request fails, the worker and the stream go on
                 log.error("reasoning request %s failed: %s", request_id, exc,
                           exc_info=None if isinstance(exc, EdgeEmollamaError) else exc)
                 self.publisher.tracker.record_error("reasoning", exc)
 
-    def _answer(self, request_id: str, rows, subtitle: str) -> None:
+    def _answer(self, request_id: str, rows, subtitle: str, stream: tuple) -> None:
         start = time.perf_counter()
         parts = prompt_parts(self.tokenizer, self.spec, subtitle, self.layout, task="reason")
         text = self.scorer.generate(parts, rows, max_tokens=self.max_tokens).strip()
@@ -149,7 +165,7 @@ class ReasoningWorker:
         if self.untrained:   # say it where the reader sees it: the text of seeded random weights is noise
             text = f"{UNTRAINED_NOTE} {text}"
         self.publisher.publish("reason", {"request_id": request_id, "text": text, "final": True, "label": None,
-                                          "tokens": tokens,
+                                          "tokens": tokens, "source": stream[0], "face_id": stream[1],
                                           "timings_ms": {"generate_ms": (time.perf_counter() - start) * 1000}})
 
     def close(self) -> None:

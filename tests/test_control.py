@@ -473,3 +473,23 @@ def test_latest_of_one_person(served, ctx):
     assert ask(server, {"verb": "latest", "topic": "emollama.v2.estimate.hall.face-9."}, ctx)["result"] is None
     bad = request(server.endpoint, {"verb": "latest", "topic": "emollama.v2.estimate.hall"}, timeout_s=3.0, context=ctx)
     assert not bad["ok"] and bad["error"]["code"] == "bad_request"
+
+
+def test_explain_names_one_persons_window(reasoner, ctx):
+    pub, server, worker = reasoner
+    rng = np.random.default_rng()
+    rows = rng.standard_normal(worker._latest[0].shape).astype(np.float32)
+    worker.remember(rows, "", now_ns(), ("hall", 2))
+    sock = dealer(ctx, server.endpoint)
+    queued = exchange(sock, [json.dumps({"verb": "explain", "source": "hall", "face_id": 2}).encode()])["result"]
+    assert (queued["status"], queued["source"], queued["face_id"]) == ("queued", "hall", 2)
+    assert worker._by_stream[("hall", 2)][0] is rows
+    _wait_reason(pub, queued["request_id"])
+    reason = pub.latest("reason")
+    assert (reason["payload"]["source"], reason["payload"]["face_id"]) == ("hall", 2)
+    assert message_errors(reason["topic"], reason["header"], reason["payload"]) == []
+    missing = exchange(sock, [json.dumps({"verb": "explain", "source": "hall", "face_id": 7}).encode()])
+    assert missing["error"]["code"] == "unavailable" and "hall/face-2" in missing["error"]["message"]
+    bad = exchange(sock, [json.dumps({"verb": "explain", "source": "hall", "face_id": "2"}).encode()])
+    assert bad["error"]["code"] == "bad_request"
+    sock.close(0)

@@ -135,3 +135,12 @@ def test_a_quiet_file_run_shows_its_progress_and_a_loud_one_names_each_person(ti
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 5 and all(line.split()[2] == "solo/face-1" for line in lines)
+
+
+def test_explain_person_is_source_slash_face(capsys):
+    from edge_emollama.commands import _person
+
+    assert _person("hall/face-12") == ("hall", 12) and _person("hall/scene") == ("hall", None)
+    assert _person(None) is None
+    assert main(["explain", "--person", "hall-1", "--timeout", "0.1"]) == 2
+    assert "SOURCE/face-ID" in capsys.readouterr().err
