@@ -294,6 +294,8 @@ class LlmConfig:
     n_gpu_layers: int | None = None  # llama.cpp layers on the GPU (-1: all; null: per device class)
     threads: int = 0                # 0: llama.cpp's choice (up to 8)
     n_ctx: int = 2048               # context positions (capped at the model's)
+    batch_people: bool = False      # the people of a window waiting together: scored in one llama_decode
+                                    # (measured slower on a 2-core CPU, BENCHMARKS.md; not measured on a GPU)
 
     def validate(self) -> "LlmConfig":
         _choice("runtime.llm.quant", self.quant, QUANTS)

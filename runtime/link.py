@@ -143,6 +143,16 @@ class Consumer:
             self._slots.popitem(last=False)
             self.replaced += 1
 
+    def take(self, match) -> list:
+        """The held items for which ``match(item)`` is true, taken now without waiting (oldest first): the
+        other people of the window just taken, to score them together."""
+        with self._cond:
+            keys = [key for key, item in self._slots.items() if match(item)]
+            taken = [self._slots.pop(key) for key in keys]
+            if taken:
+                self._cond.notify_all()
+        return taken
+
     def _room(self) -> bool:
         if self.keep_newest:
             return True

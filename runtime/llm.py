@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}      # GGML_TYPE_* of the KV cache
 TOKEN_ROWS_KEPT = 4096                          # dequantized token embedding rows cached per scorer
+MAX_SEQUENCES = 64                              # llama.cpp's LLAMA_MAX_SEQ
 
 
 class TokenEmbeddings:
@@ -67,17 +68,20 @@ class LlamaContext:
     """One llama.cpp model (or another context's) and context, with its token and embedding batches: the
     decode primitives and the vocabulary; :class:`LlamaCppScorer` builds prompts and scores on it.
 
-    Sequence 0 holds the prompt; sequences 1..``max_branches`` exist only during one label scoring (the KV
-    cache is unified so that prompt cells can belong to all of them)."""
+    Sequence 0 holds the prompt; the others (``max_branches`` label branches for each of ``people`` prompts)
+    exist only during one label scoring (the KV cache is unified so that prompt cells can belong to all of
+    them)."""
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
                  verbose: bool = False, share_model: "LlamaContext | None" = None, offload: bool = True,
-                 max_branches: int = 8):
+                 max_branches: int = 8, people: int = 1):
         """``share_model``: a second context on another scorer's weights (which must outlive this one).
         ``offload=False``: everything on the CPU, even in a GPU build (llama.cpp otherwise sends large
         batches of CPU-resident layers to the GPU); export validation uses it to check the weights alone.
-        ``max_branches``: how many multi-piece labels ``label_logprobs`` can score in its one decode."""
+        ``max_branches``: how many multi-piece labels ``label_logprobs`` can score in its one decode;
+        ``people``: how many media blocks ``label_logprobs_people`` scores in one decode (at most
+        ``MAX_SEQUENCES // (1 + max_branches)``)."""
         lc = self._lc = require("llama_cpp")
         self._model = self._ctx = None
         if flash_attn not in FLASH_ATTN or kv_type not in KV_TYPES:
@@ -88,6 +92,7 @@ class LlamaContext:
         self._model = (self._load_model(gguf_path, n_gpu_layers if offload else 0) if share_model is None
                        else share_model._model)
         self.max_branches = max_branches
+        self.n_seq_max = min(MAX_SEQUENCES, max(1, people) * (1 + max_branches))
         cparams = self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type)
         cparams.op_offload = cparams.offload_kqv = offload
         self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -122,7 +127,7 @@ class LlamaContext:
         threads = n_threads or max(1, min(8, os.cpu_count() or 1))
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = min(n_batch, n_ctx)
-        params.n_seq_max = 1 + self.max_branches
+        params.n_seq_max = self.n_seq_max
         params.kv_unified = True          # prompt cells shared by the label branches (one KV stream)
         params.n_outputs_max = max(params.n_batch, params.n_seq_max)   # llama.cpp reserves one per sequence
         params.n_threads = params.n_threads_batch = threads
@@ -364,6 +369,66 @@ class LlamaCppScorer(LlamaContext):
             self._run(b, len(chunk))
             out.update((j, self._logits(j - start)) for j in want if start <= j < start + len(chunk))
         return [out[j] for j in wanted]
+
+    def label_logprobs_people(self, parts: list, media_blocks: list, label_pieces: list[list[int]]) -> list:
+        """:meth:`label_logprobs` for several media blocks after the same prompt (the people of one window), in
+        one llama_decode when they fit n_batch: the cached prefix is shared, each block's prompt rows and label
+        branches go in sequences of their own. Falls back to one :meth:`label_logprobs` per block when the
+        sequences or the KV cells do not suffice (or gguf-py is missing)."""
+        self._check_labels(label_pieces)
+        table = self._token_table()
+        branches = [list(p[:-1]) for p in label_pieces if len(p) > 1]
+        per = 1 + len(branches)
+        blocks = [np.asarray(b) for b in media_blocks]
+        for block in blocks:
+            self._check(parts, block, extra=sum(len(b) for b in branches))
+        if len(blocks) > 1 and (table is None or len(branches) > self.max_branches or per * 2 > self.n_seq_max):
+            return [self.label_logprobs(parts, block, label_pieces) for block in blocks]
+        group = self.n_seq_max // per
+        if len(blocks) > group:
+            return [out for k in range(0, len(blocks), group)
+                    for out in self.label_logprobs_people(parts, blocks[k:k + group], label_pieces)]
+        calls = self._calls
+        lead, keep, rest = self._reuse_prefix(parts)
+        prompts = [np.concatenate([table.rows(p) if isinstance(p, list) else block[p[1]:p[2]] for p in rest])
+                   .astype(np.float32, copy=False) for block in blocks]
+        cells = keep + len(blocks) * (len(prompts[0]) + sum(len(b) for b in branches))
+        if cells > self.n_ctx:   # the KV cache cannot hold every person at once
+            return [self.label_logprobs(parts, block, label_pieces) for block in blocks]
+        logits = self._decode_people(prompts, keep, branches, table)
+        self._cached, self.n_past, self.reused = lead, keep + len(prompts[0]), keep
+        self.decode_calls = self._calls - calls
+        return [self._chain(log_softmax(person[0]), person[1:], label_pieces) for person in logits]
+
+    def _decode_people(self, prompts: list, pos: int, branches: list[list[int]], table) -> list:
+        """Each prompt's rows at pos.. in its sequences p*(1+B)..p*(1+B)+B, its branch k in sequence
+        p*(1+B)+1+k; per prompt, the logits of its last row then of its branch rows. Person 0's prompt stays
+        in sequence 0 (the cache of the next call starts from its kept prefix)."""
+        per, rows, positions, members, wanted = 1 + len(branches), [], [], [], []
+        branch_rows = [table.rows(b) for b in branches]
+        n = pos + len(prompts[0])
+        for p, prompt in enumerate(prompts):
+            base, start = p * per, sum(len(r) for r in rows)
+            rows += [prompt] + branch_rows
+            positions += list(range(pos, n)) + [n + i for b in branches for i in range(len(b))]
+            members += [tuple(range(base, base + per))] * len(prompt)
+            members += [(base + 1 + k,) for k, b in enumerate(branches) for _ in b]
+            wanted.append([start + len(prompt) - 1] + list(range(start + len(prompt),
+                                                                 start + len(prompt) + sum(map(len, branches)))))
+        seqs = range(1, len(prompts) * per)
+        for s in seqs:
+            self._lc.llama_memory_seq_cp(self._mem, 0, s, -1, -1)   # the kept prefix, shared cells
+        try:
+            flat = self._decode_rows_in(np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), positions,
+                                        members, [j for person in wanted for j in person])
+        finally:
+            for s in seqs:
+                self._lc.llama_memory_seq_rm(self._mem, s, -1, -1)
+        out, k = [], 0
+        for person in wanted:
+            out.append(flat[k:k + len(person)])
+            k += len(person)
+        return out
 
     @staticmethod
     def _chain(first: np.ndarray, branch_logits: list, label_pieces: list[list[int]]) -> np.ndarray:

@@ -68,7 +68,8 @@ class Pipeline:
             if "publish" in want:
                 self._start_publisher()
             if "llm" in want:
-                llm = LlmStage(self.artifacts, self.config.llm)
+                llm = LlmStage(self.artifacts, self.config.llm,
+                               people=self.config.max_faces if self.config.llm.batch_people else 1)
                 llm.warmup()
                 self._start_reasoning(llm)
                 self._spawn("llm", self._llm_loop, self._link_in("rows"), self._link_out("scores"), llm)
@@ -200,15 +201,19 @@ class Pipeline:
 
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:
         try:
-            for item in self._items(inbox, outbox):
+            for first in self._items(inbox, outbox):
+                # the other people of this window that are waiting too: scored in the same llama_decode
+                people = [first] + (inbox.take(lambda other: other.stamp.source == first.stamp.source
+                                               and other.index == first.index) if stage.people > 1 else [])
                 # a fixed runtime.subtitle overrides; else what speech recognition heard (capture attached it)
-                subtitle = self.config.subtitle or item.stamp.subtitle or ""
-                waited = (now_ns() - item.stamp.sent_ns) / 1e6
-                probabilities, llm_ms = stage(item.rows, subtitle)
-                if self.reasoner is not None:
-                    self.reasoner.remember(item.rows, subtitle, item.t1_ns, item.stamp.stream)
-                stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_llm_ms=waited, llm_ms=llm_ms)
-                self._send(outbox, ScoresItem(dataclasses.replace(stamp, subtitle=subtitle), probabilities))
+                subtitle = self.config.subtitle or first.stamp.subtitle or ""
+                waited = [(now_ns() - item.stamp.sent_ns) / 1e6 for item in people]
+                distributions, llm_ms = stage.score_people([item.rows for item in people], subtitle)
+                for item, probabilities, queued_ms in zip(people, distributions, waited):
+                    if self.reasoner is not None:
+                        self.reasoner.remember(item.rows, subtitle, item.t1_ns, item.stamp.stream)
+                    stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_llm_ms=queued_ms, llm_ms=llm_ms)
+                    self._send(outbox, ScoresItem(dataclasses.replace(stamp, subtitle=subtitle), probabilities))
         finally:
             if self.reasoner is not None:
                 self.control.set_explain(None)

@@ -161,7 +161,9 @@ class LlmStage:
     The GGUF (``quant``), the prompt layout and the label pieces are the manifest's; ``quant`` "auto" is the
     device class's default among the exported ones (runtime/device.py)."""
 
-    def __init__(self, artifacts: Artifacts, config: LlmConfig = LlmConfig()):
+    def __init__(self, artifacts: Artifacts, config: LlmConfig = LlmConfig(), people: int = 1):
+        """``people``: how many people of one window :meth:`score_people` scores in one llama_decode."""
+        self.people = people
         manifest = artifacts.manifest
         self.spec, self.layout = artifacts.spec, manifest.prompt.layout
         self.untrained = manifest.source.get("weights") == "seeded random"   # its words mean nothing
@@ -170,7 +172,7 @@ class LlmStage:
         self.n_ctx = min(self.spec.llama.context, config.n_ctx)
         n_gpu_layers = resolve("n_gpu_layers", "auto" if config.n_gpu_layers is None else config.n_gpu_layers)
         self.scorer = LlamaCppScorer(self.path, n_ctx=self.n_ctx, n_threads=config.threads or None,
-                                     n_gpu_layers=n_gpu_layers)
+                                     n_gpu_layers=n_gpu_layers, people=people)
         self.tokenizer = self.scorer.tokenizer
         self.pieces = [list(p) for p in manifest.label_pieces]
         if self.pieces != label_pieces(self.tokenizer):
@@ -194,11 +196,20 @@ class LlmStage:
     def __call__(self, rows: np.ndarray, subtitle: str = "") -> tuple:
         """(label distribution, llm ms); ``decode_calls`` then says how many llama_decode calls it took."""
         start = time.perf_counter()
-        logprobs = self.scorer.label_logprobs(self.parts(subtitle), rows, self.pieces)
+        return self._distribution(self.scorer.label_logprobs(self.parts(subtitle), rows, self.pieces)), _ms(start)
+
+    def score_people(self, blocks: list, subtitle: str = "") -> tuple:
+        """([label distribution per media block], llm ms): the people of one window, in one llama_decode when
+        they fit (LlamaCppScorer.label_logprobs_people)."""
+        start = time.perf_counter()
+        scores = self.scorer.label_logprobs_people(self.parts(subtitle), blocks, self.pieces)
+        return [self._distribution(logprobs) for logprobs in scores], _ms(start)
+
+    def _distribution(self, logprobs: np.ndarray) -> np.ndarray:
         if not np.all(np.isfinite(logprobs)):
             raise ArtifactError(f"{self.path} gave non-finite label scores {logprobs.tolist()}: the GGUF is damaged "
                                 "or was written wrongly; re-export the folder")
-        return softmax(logprobs), _ms(start)
+        return softmax(logprobs)
 
     def warmup(self) -> None:
         self(np.zeros((self.spec.media_rows, self.spec.llama.hidden), np.float32), "")

@@ -4,7 +4,9 @@ on two 2-person files at once, each run paced as a live source (windows dropped 
     python scripts/people_bench.py --artifacts /tmp/mid --out bench-results/people-mid.json
 
 Prints a table and writes the JSON: per run, estimates/s in all and per person, per-person latency (p50 / p90
-of publish time - window end), windows each person missed, and the encoder/LLM stage times per window.
+of publish time - window end), windows each person missed, and the encoder/LLM stage times per window. Each
+several-people run goes twice: one llama_decode per person (the default) and the people of a window that wait
+together in one llama_decode (``runtime.llm.batch_people``, "people batched"), side by side.
 """
 from __future__ import annotations
 
@@ -25,9 +27,9 @@ from edge_emollama.tools.sample_clip import write_group_clip
 RUNS = (("1 person", (1,)), ("2 people", (2,)), ("4 people", (4,)), ("2 sources x 2 people", (2, 2)))
 
 
-def run(artifacts, clips: list, seconds: float) -> dict:
+def run(artifacts, clips: list, seconds: float, batch: bool) -> dict:
     config = RuntimeConfig(artifacts=str(artifacts), sources=SourcesConfig(video=[str(c) for c in clips]),
-                           encoders=EncoderConfig(), llm=LlmConfig(),
+                           encoders=EncoderConfig(), llm=LlmConfig(batch_people=batch),
                            publish=PublishConfig(endpoint="tcp://127.0.0.1:*"),
                            control=ControlConfig(endpoint="tcp://127.0.0.1:*"))
     seen = defaultdict(list)
@@ -72,15 +74,17 @@ def main() -> None:
         for name, groups in RUNS:
             clips = [write_group_clip(Path(folder) / f"g{len(groups)}-{k}-{n}.mp4", n, args.seconds, voice="synth",
                                       seed=k) for k, n in enumerate(groups)]
-            report["runs"][name] = run(args.artifacts, clips, args.seconds)
+            for batch in (False, True) if max(groups) > 1 else (False,):
+                report["runs"][name + (", people batched" if batch else "")] = run(args.artifacts, clips,
+                                                                                  args.seconds, batch)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     base = report["runs"]["1 person"]["estimates_per_s"]
-    print(f"{'run':<24} {'people':>6} {'est/s':>7} {'per person/s':>13} {'latency p50/p90 ms':>19} "
+    print(f"{'run':<40} {'people':>6} {'est/s':>7} {'per person/s':>13} {'latency p50/p90 ms':>19} "
           f"{'enc ms':>7} {'llm ms':>7} {'vs 1':>5}")
     for name, r in report["runs"].items():
         per = statistics.mean(r["per_person_per_s"].values()) if r["per_person_per_s"] else 0.0
-        print(f"{name:<24} {r['people']:>6} {r['estimates_per_s']:>7.2f} {per:>13.2f} "
+        print(f"{name:<40} {r['people']:>6} {r['estimates_per_s']:>7.2f} {per:>13.2f} "
               f"{str(r['latency_ms_p50']) + ' / ' + str(r['latency_ms_p90']):>19} {r['encoders_ms_p50']:>7} "
               f"{r['llm_ms_p50']:>7} {r['estimates_per_s'] / base if base else 0:>5.2f}")
     print(f"written: {args.out}")

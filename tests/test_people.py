@@ -250,3 +250,18 @@ def test_annotate_without_capture_in_this_process_is_refused(tiny_artifacts, end
     with pytest.raises(ConfigError, match="capture stage"):
         Pipeline(config).start()
     assert not list(tmp_path.iterdir())
+
+
+def test_the_llm_takes_the_other_people_of_a_window_together(ctx):
+    endpoint = f"inproc://take-{time.monotonic_ns()}"
+    producer = Producer(LinkOptions(endpoint), ctx)
+    consumer = Consumer(LinkOptions(endpoint), ctx, keep_newest=True)
+    for source, face_id, index in (("a", 1, 3), ("b", 1, 3), ("a", 2, 3), ("a", 3, 2)):
+        assert producer.send(_item(source, face_id, index), block_s=1.0)
+    time.sleep(0.3)
+    first = consumer.get(0.5)
+    same = consumer.take(lambda o: o.stamp.source == first.stamp.source and o.index == first.index)
+    assert (first.stamp.stream, [i.stamp.stream for i in same]) == (("a", 1), [("a", 2)])
+    assert [consumer.get(0.5).stamp.stream for _ in range(2)] == [("b", 1), ("a", 3)]
+    consumer.close()
+    producer.close()
