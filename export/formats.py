@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,11 +81,19 @@ def run_tensorrt(ctx: ExportContext) -> None:
     folder = ctx.staging / "tensorrt"
     folder.mkdir(exist_ok=True)
     cache = ctx.staging.parent / "tensorrt.timing-cache"
-    for branch in BRANCHES:
+    for branch, module in ctx.reference.export_units().items():
         with StepTimer(ctx, f"tensorrt {branch}"):
-            (fp32,) = ctx.files(format="onnx", branch=branch, precision="fp32")
-            (fp16,) = ctx.files(format="onnx", branch=branch, precision="fp16")
-            engine = build_engine(fp32, fp16, folder / f"{branch}.engine", ctx.spec, branch, _metadata(ctx), cache)
+            # TensorRT's parser has no com.microsoft ops: the engines are built from plain-operator files
+            plain = folder / f".{branch}.plain"
+            plain.mkdir(exist_ok=True)
+            try:
+                (fp32, *_) = export_branch(module, branch, ctx.spec, plain / f"{branch}.onnx", ctx.cfg.export.opset,
+                                           _metadata(ctx, precision="fp32"), fused=False)
+                (fp16, *_) = convert_fp16(fp32, plain / f"{branch}.fp16.onnx", _metadata(ctx))
+                engine = build_engine(fp32, fp16, folder / f"{branch}.engine", ctx.spec, branch, _metadata(ctx),
+                                      cache)
+            finally:
+                shutil.rmtree(plain, ignore_errors=True)
             ctx.add(engine, format="tensorrt", branch=branch, precision="fp16")
 
 

@@ -3,11 +3,20 @@
 Each branch emits LLM-space rows directly. Per-window axes are dynamic: the number of face frames
 (MAE) and the number of audio samples (HuBERT). Models over 2 GB keep their weights in one
 ``<name>.onnx.data`` file beside the graph (protobuf's limit).
+
+The ViTs (EVA, MAE, VideoMAE) are traced in their *export form* (:func:`export_form`), the same arithmetic
+in fewer, faster operators: each attention is one ``com.microsoft.MultiHeadAttention`` node (ONNX Runtime's
+fused kernel on the CPU and CUDA providers; flash attention for fp16 on CUDA), and each patch embedding is a
+reshape and a MatMul instead of a strided convolution (exact: the patches do not overlap), so no cuDNN
+convolution is left in a ViT. The reference modules themselves stay as the original code wrote them; the
+parity checks compare the exported form with them.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +29,22 @@ from ..spec import ModelSpec
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, metadata: dict) -> list:
-    """Trace ``module`` to ``path``; returns the files written (graph, and external data if any)."""
+def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, metadata: dict,
+                  fused: bool = True) -> list:
+    """Trace ``module`` to ``path`` (in its export form unless ``fused`` is False: plain ONNX operators, for
+    TensorRT's parser, which has no com.microsoft ops); returns the files written (graph, and external data)."""
     torch = require("torch")
     onnx = require("onnx")
     io = BRANCHES[branch]
     sample = io.example_inputs(spec, np.random.default_rng(0), frames=3, seconds=0.5)
     device = next(module.parameters()).device
     module.to("cpu")   # the TorchScript exporter's constant folding mixes CPU and CUDA tensors (torch 2.11)
+    swap = export_form(module) if fused else contextlib.nullcontext(0)
     args = tuple(torch.from_numpy(sample[name]) for name in io.input_names)
     # a folder of its own: over 2 GB the exporter writes every weight as a separate file beside the graph
     raw = path.parent / f".{path.name}.trace" / "model.onnx"
     raw.parent.mkdir(exist_ok=True)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), swap:
         # the TorchScript exporter: 0.2 s against ~5 s for the dynamo one, same graphs for these modules
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
@@ -44,7 +56,83 @@ def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, 
             module.to(device)
     model = onnx.load(str(raw), load_external_data=True)
     shutil.rmtree(raw.parent)
-    return save_onnx(model, path, {**metadata, "branch": branch})
+    form = "fused attention, matmul patches" if fused and any(n.domain == "com.microsoft" for n in model.graph.node) \
+        else "plain"
+    return save_onnx(model, path, {**metadata, "branch": branch, "export_form": form})
+
+
+@contextlib.contextmanager
+def export_form(module):
+    """Within the block, ``module``'s ViT attentions and patch embeddings are replaced by their export forms
+    (sharing their parameters); the originals are put back afterwards."""
+    from ..reference.vit import Attention, PatchEmbed
+
+    forms = _forms()
+    swapped = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
+               if isinstance(child, (Attention, PatchEmbed))]
+    for parent, name, child in swapped:
+        setattr(parent, name, forms["attention" if isinstance(child, Attention) else "patches"](child))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
+@lru_cache(maxsize=1)
+def _forms() -> dict:
+    """The export-form module classes (defined here so that torch is imported only when exporting)."""
+    torch = require("torch")
+    F = torch.nn.functional
+
+    class FusedMha(torch.autograd.Function):
+        """Multi-head attention of [B, S, C] q, k, v; exported as one com.microsoft.MultiHeadAttention."""
+
+        @staticmethod
+        def forward(ctx, q, k, v, heads: int):
+            b, n, c = q.shape
+            split = [t.reshape(b, n, heads, c // heads).transpose(1, 2) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*split)   # scale 1/sqrt(head size), as the ViTs'
+            return out.transpose(1, 2).reshape(b, n, c)
+
+        @staticmethod
+        def symbolic(g, q, k, v, heads: int):
+            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads)
+            out.setType(q.type())   # [B, S, C] like the query (the exporter cannot infer a contrib op's type)
+            return out
+
+    class FusedAttention(torch.nn.Module):
+        def __init__(self, attention):
+            super().__init__()
+            self.original = attention
+
+        def forward(self, x):
+            a = self.original
+            bias = a.qkv.bias
+            if a._qv:
+                bias = torch.cat((a.q_bias, torch.zeros_like(a.v_bias), a.v_bias))
+            q, k, v = F.linear(x, a.qkv.weight, bias).chunk(3, dim=-1)
+            return a.proj(FusedMha.apply(q, k, v, a.heads))
+
+    class MatmulPatches(torch.nn.Module):
+        """A stride = kernel convolution as non-overlapping patches times the flattened kernel."""
+
+        def __init__(self, patch_embed):
+            super().__init__()
+            self.original = patch_embed
+
+        def forward(self, x):
+            conv = self.original.proj
+            kernel = tuple(conv.kernel_size)
+            grid = [size // k for size, k in zip(x.shape[2:], kernel)]
+            # [B, C, g1, k1, g2, k2, ...] -> [B, g1, g2, ..., C, k1, k2, ...]
+            x = x.reshape(x.shape[0], x.shape[1], *[v for g, k in zip(grid, kernel) for v in (g, k)])
+            dims = len(kernel)
+            x = x.permute(0, *range(2, 2 + 2 * dims, 2), 1, *range(3, 3 + 2 * dims, 2))
+            x = x.reshape(x.shape[0], -1, conv.weight[0].numel())
+            return x @ conv.weight.reshape(conv.weight.shape[0], -1).t() + conv.bias
+
+    return {"attention": FusedAttention, "patches": MatmulPatches}
 
 
 def save_onnx(model, path: Path, metadata: dict) -> list:
@@ -80,8 +168,9 @@ def convert_fp16(src: Path, dst: Path, metadata: dict) -> list:
 
     Convolutions stay float32 (``FP32_OPS``): on an H200 with onnxruntime-gpu 1.31.1 and cuDNN 9 for CUDA 13,
     cuDNN had no fp16 engine for VideoMAE's 3-channel Conv3d patch embedding ("No valid engine configs"),
-    and the error then broke HuBERT's Conv running beside it; the float32 convolutions ran. They are the
-    patch embeddings and HuBERT's feature extractor, a few percent of the arithmetic."""
+    and the error then broke HuBERT's Conv running beside it; the float32 convolutions ran. The ViTs' patch
+    embeddings are MatMuls now (:func:`export_form`), so only HuBERT's feature extractor and positional
+    convolution remain, a few percent of its arithmetic."""
     float16 = require("onnxruntime.transformers.float16")
     # given the path, the converter infers types with onnx's file-based inference, which works over 2 GB;
     # it needs the types to put casts around the float32 convolutions
