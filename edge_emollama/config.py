@@ -294,11 +294,15 @@ class LlmConfig:
     n_gpu_layers: int | None = None  # llama.cpp layers on the GPU (-1: all; null: per device class)
     threads: int = 0                # 0: llama.cpp's choice (up to 8)
     n_ctx: int = 2048               # context positions (capped at the model's)
-    batch_people: bool = False      # the people of a window waiting together: scored in one llama_decode
-                                    # (measured slower on a 2-core CPU, BENCHMARKS.md; not measured on a GPU)
+    batch_windows: int = 1          # up to this many waiting windows with the same subtitle (the people of a
+                                    # window, other streams) in one llama_decode; 1: one decode each (no clear
+                                    # gain on a 2-core CPU, BENCHMARKS.md; not measured on a GPU)
 
     def validate(self) -> "LlmConfig":
         _choice("runtime.llm.quant", self.quant, QUANTS)
+        if not 1 <= self.batch_windows <= 16:
+            raise ConfigError(f"runtime.llm.batch_windows = {self.batch_windows}: use 1 (one llama_decode per "
+                              "window) to 16")
         return self
 
 

@@ -143,11 +143,11 @@ class Consumer:
             self._slots.popitem(last=False)
             self.replaced += 1
 
-    def take(self, match) -> list:
-        """The held items for which ``match(item)`` is true, taken now without waiting (oldest first): the
-        other people of the window just taken, to score them together."""
+    def take(self, match, limit: int | None = None) -> list:
+        """Up to ``limit`` held items for which ``match(item)`` is true, taken now without waiting (oldest
+        first): the windows waiting with the one just taken, to score them together."""
         with self._cond:
-            keys = [key for key, item in self._slots.items() if match(item)]
+            keys = [key for key, item in self._slots.items() if match(item)][:limit]
             taken = [self._slots.pop(key) for key in keys]
             if taken:
                 self._cond.notify_all()

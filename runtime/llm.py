@@ -68,19 +68,19 @@ class LlamaContext:
     """One llama.cpp model (or another context's) and context, with its token and embedding batches: the
     decode primitives and the vocabulary; :class:`LlamaCppScorer` builds prompts and scores on it.
 
-    Sequence 0 holds the prompt; the others (``max_branches`` label branches for each of ``people`` prompts)
+    Sequence 0 holds the prompt; the others (``max_branches`` label branches for each of ``windows`` prompts)
     exist only during one label scoring (the KV cache is unified so that prompt cells can belong to all of
     them)."""
 
     def __init__(self, gguf_path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: str = "auto", n_batch: int = 512, kv_type: str = "f16",
                  verbose: bool = False, share_model: "LlamaContext | None" = None, offload: bool = True,
-                 max_branches: int = 8, people: int = 1):
+                 max_branches: int = 8, windows: int = 1):
         """``share_model``: a second context on another scorer's weights (which must outlive this one).
         ``offload=False``: everything on the CPU, even in a GPU build (llama.cpp otherwise sends large
         batches of CPU-resident layers to the GPU); export validation uses it to check the weights alone.
         ``max_branches``: how many multi-piece labels ``label_logprobs`` can score in its one decode;
-        ``people``: how many media blocks ``label_logprobs_people`` scores in one decode (at most
+        ``windows``: how many media blocks ``label_logprobs_batch`` scores in one decode (at most
         ``MAX_SEQUENCES // (1 + max_branches)``)."""
         lc = self._lc = require("llama_cpp")
         self._model = self._ctx = None
@@ -92,7 +92,7 @@ class LlamaContext:
         self._model = (self._load_model(gguf_path, n_gpu_layers if offload else 0) if share_model is None
                        else share_model._model)
         self.max_branches = max_branches
-        self.n_seq_max = min(MAX_SEQUENCES, max(1, people) * (1 + max_branches))
+        self.n_seq_max = min(MAX_SEQUENCES, max(1, windows) * (1 + max_branches))
         cparams = self._context_params(n_ctx, n_threads, flash_attn, n_batch, kv_type)
         cparams.op_offload = cparams.offload_kqv = offload
         self._ctx = lc.llama_init_from_model(self._model, cparams)
@@ -370,11 +370,12 @@ class LlamaCppScorer(LlamaContext):
             out.update((j, self._logits(j - start)) for j in want if start <= j < start + len(chunk))
         return [out[j] for j in wanted]
 
-    def label_logprobs_people(self, parts: list, media_blocks: list, label_pieces: list[list[int]]) -> list:
-        """:meth:`label_logprobs` for several media blocks after the same prompt (the people of one window), in
-        one llama_decode when they fit n_batch: the cached prefix is shared, each block's prompt rows and label
-        branches go in sequences of their own. Falls back to one :meth:`label_logprobs` per block when the
-        sequences or the KV cells do not suffice (or gguf-py is missing)."""
+    def label_logprobs_batch(self, parts: list, media_blocks: list, label_pieces: list[list[int]]) -> list:
+        """:meth:`label_logprobs` for several media blocks after the same prompt (the people of a window, or
+        windows of several streams), in one llama_decode when they fit n_batch: the cached prefix is shared,
+        each block's prompt rows and label branches go in sequences of their own. Falls back to one
+        :meth:`label_logprobs` per block when the sequences or the KV cells do not suffice (or gguf-py is
+        missing)."""
         self._check_labels(label_pieces)
         table = self._token_table()
         branches = [list(p[:-1]) for p in label_pieces if len(p) > 1]
@@ -387,7 +388,7 @@ class LlamaCppScorer(LlamaContext):
         group = self.n_seq_max // per
         if len(blocks) > group:
             return [out for k in range(0, len(blocks), group)
-                    for out in self.label_logprobs_people(parts, blocks[k:k + group], label_pieces)]
+                    for out in self.label_logprobs_batch(parts, blocks[k:k + group], label_pieces)]
         calls = self._calls
         lead, keep, rest = self._reuse_prefix(parts)
         prompts = [np.concatenate([table.rows(p) if isinstance(p, list) else block[p[1]:p[2]] for p in rest])
@@ -395,12 +396,12 @@ class LlamaCppScorer(LlamaContext):
         cells = keep + len(blocks) * (len(prompts[0]) + sum(len(b) for b in branches))
         if cells > self.n_ctx:   # the KV cache cannot hold every person at once
             return [self.label_logprobs(parts, block, label_pieces) for block in blocks]
-        logits = self._decode_people(prompts, keep, branches, table)
+        logits = self._decode_batch(prompts, keep, branches, table)
         self._cached, self.n_past, self.reused = lead, keep + len(prompts[0]), keep
         self.decode_calls = self._calls - calls
         return [self._chain(log_softmax(person[0]), person[1:], label_pieces) for person in logits]
 
-    def _decode_people(self, prompts: list, pos: int, branches: list[list[int]], table) -> list:
+    def _decode_batch(self, prompts: list, pos: int, branches: list[list[int]], table) -> list:
         """Each prompt's rows at pos.. in its sequences p*(1+B)..p*(1+B)+B, its branch k in sequence
         p*(1+B)+1+k; per prompt, the logits of its last row then of its branch rows. Person 0's prompt stays
         in sequence 0 (the cache of the next call starts from its kept prefix)."""

@@ -68,8 +68,7 @@ class Pipeline:
             if "publish" in want:
                 self._start_publisher()
             if "llm" in want:
-                llm = LlmStage(self.artifacts, self.config.llm,
-                               people=self.config.max_faces if self.config.llm.batch_people else 1)
+                llm = LlmStage(self.artifacts, self.config.llm)
                 llm.warmup()
                 self._start_reasoning(llm)
                 self._spawn("llm", self._llm_loop, self._link_in("rows"), self._link_out("scores"), llm)
@@ -202,14 +201,17 @@ class Pipeline:
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:
         try:
             for first in self._items(inbox, outbox):
-                # the other people of this window that are waiting too: scored in the same llama_decode
-                people = [first] + (inbox.take(lambda other: other.stamp.source == first.stamp.source
-                                               and other.index == first.index) if stage.people > 1 else [])
                 # a fixed runtime.subtitle overrides; else what speech recognition heard (capture attached it)
                 subtitle = self.config.subtitle or first.stamp.subtitle or ""
-                waited = [(now_ns() - item.stamp.sent_ns) / 1e6 for item in people]
-                distributions, llm_ms = stage.score_people([item.rows for item in people], subtitle)
-                for item, probabilities, queued_ms in zip(people, distributions, waited):
+                # other windows waiting with the same prompt (the window's other people, other streams' windows),
+                # oldest first: scored in the same llama_decode (runtime.llm.batch_windows)
+                def same_prompt(other, subtitle=subtitle) -> bool:
+                    return (self.config.subtitle or other.stamp.subtitle or "") == subtitle
+
+                batch = [first] + (inbox.take(same_prompt, stage.batch - 1) if stage.batch > 1 else [])
+                waited = [(now_ns() - item.stamp.sent_ns) / 1e6 for item in batch]
+                distributions, llm_ms = stage.score_batch([item.rows for item in batch], subtitle)
+                for item, probabilities, queued_ms in zip(batch, distributions, waited):
                     if self.reasoner is not None:
                         self.reasoner.remember(item.rows, subtitle, item.t1_ns, item.stamp.stream)
                     stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_llm_ms=queued_ms, llm_ms=llm_ms)

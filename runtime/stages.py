@@ -161,9 +161,8 @@ class LlmStage:
     The GGUF (``quant``), the prompt layout and the label pieces are the manifest's; ``quant`` "auto" is the
     device class's default among the exported ones (runtime/device.py)."""
 
-    def __init__(self, artifacts: Artifacts, config: LlmConfig = LlmConfig(), people: int = 1):
-        """``people``: how many people of one window :meth:`score_people` scores in one llama_decode."""
-        self.people = people
+    def __init__(self, artifacts: Artifacts, config: LlmConfig = LlmConfig()):
+        self.batch = max(1, config.batch_windows)   # windows :meth:`score_batch` scores in one llama_decode
         manifest = artifacts.manifest
         self.spec, self.layout = artifacts.spec, manifest.prompt.layout
         self.untrained = manifest.source.get("weights") == "seeded random"   # its words mean nothing
@@ -172,7 +171,7 @@ class LlmStage:
         self.n_ctx = min(self.spec.llama.context, config.n_ctx)
         n_gpu_layers = resolve("n_gpu_layers", "auto" if config.n_gpu_layers is None else config.n_gpu_layers)
         self.scorer = LlamaCppScorer(self.path, n_ctx=self.n_ctx, n_threads=config.threads or None,
-                                     n_gpu_layers=n_gpu_layers, people=people)
+                                     n_gpu_layers=n_gpu_layers, windows=self.batch)
         self.tokenizer = self.scorer.tokenizer
         self.pieces = [list(p) for p in manifest.label_pieces]
         if self.pieces != label_pieces(self.tokenizer):
@@ -198,11 +197,11 @@ class LlmStage:
         start = time.perf_counter()
         return self._distribution(self.scorer.label_logprobs(self.parts(subtitle), rows, self.pieces)), _ms(start)
 
-    def score_people(self, blocks: list, subtitle: str = "") -> tuple:
-        """([label distribution per media block], llm ms): the people of one window, in one llama_decode when
-        they fit (LlamaCppScorer.label_logprobs_people)."""
+    def score_batch(self, blocks: list, subtitle: str = "") -> tuple:
+        """([label distribution per media block], llm ms): windows with the same subtitle (the people of a window,
+        other streams' windows), in one llama_decode when they fit (LlamaCppScorer.label_logprobs_batch)."""
         start = time.perf_counter()
-        scores = self.scorer.label_logprobs_people(self.parts(subtitle), blocks, self.pieces)
+        scores = self.scorer.label_logprobs_batch(self.parts(subtitle), blocks, self.pieces)
         return [self._distribution(logprobs) for logprobs in scores], _ms(start)
 
     def _distribution(self, logprobs: np.ndarray) -> np.ndarray:

@@ -280,24 +280,24 @@ def test_one_decode_on_smollm2_equals_the_sequential_path():
 
 
 def test_the_people_of_a_window_are_scored_in_one_decode_as_pytorch_scores_each(model_and_path):
-    """label_logprobs_people: fresh media blocks for several people after one prompt, against PyTorch per
+    """label_logprobs_batch: fresh media blocks for several people after one prompt, against PyTorch per
     person; in one llama_decode, in groups when the sequences run out, and one by one when the cells do."""
     model, path = model_and_path
     rng = np.random.default_rng()
-    with LlamaCppScorer(path, n_ctx=256, n_threads=2, people=3, max_branches=2, **EXACT) as batched:
+    with LlamaCppScorer(path, n_ctx=256, n_threads=2, windows=3, max_branches=2, **EXACT) as batched:
         parts, _ = prompt(batched)
         labels = label_pieces(batched)
         blocks = [rng.normal(0, 0.15, (6, batched.n_embd)).astype(np.float32) for _ in range(5)]
         assert sum(len(p) > 1 for p in labels) == 2 and batched.n_seq_max == 3 * 3   # 3 people of 1 + 2 sequences
-        got = batched.label_logprobs_people(parts, blocks[:3], labels)
+        got = batched.label_logprobs_batch(parts, blocks[:3], labels)
         assert batched.decode_calls == 1
-        grouped = batched.label_logprobs_people(parts, blocks, labels)   # 5 people: groups of 3 and 2
+        grouped = batched.label_logprobs_batch(parts, blocks, labels)   # 5 people: groups of 3 and 2
         for block, a, b in zip(blocks, got + [None, None], grouped):
             ref = torch_label_logprobs(model, sequence(model, parts, block), labels)
             assert np.abs(b - ref).max() <= TOL and (a is None or np.abs(a - ref).max() <= TOL)
         assert np.array_equal(batched.label_logprobs(parts, blocks[0], labels),
                               batched.label_logprobs(parts, blocks[0], labels))   # the cache is sound after
     # 40 KV cells hold one person's prompt but not three: one by one (the batched decode would fail there)
-    with LlamaCppScorer(path, n_ctx=40, n_threads=2, people=3, max_branches=2, **EXACT) as cramped:
-        one_by_one = cramped.label_logprobs_people(parts, blocks[:3], labels)
+    with LlamaCppScorer(path, n_ctx=40, n_threads=2, windows=3, max_branches=2, **EXACT) as cramped:
+        one_by_one = cramped.label_logprobs_batch(parts, blocks[:3], labels)
         assert all(np.abs(x - y).max() <= TOL for x, y in zip(one_by_one, got))
