@@ -41,6 +41,16 @@ def _links(text: str) -> tuple:
     return name, endpoint
 
 
+def _counts(text: str) -> tuple:
+    try:
+        counts = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1 or max(counts) > 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: give stream counts from 1 to 16, e.g. 1,2,4,8")
+    return counts
+
+
 def _stage_list(text: str) -> list:
     return [s.strip() for s in text.split(",") if s.strip()]
 
@@ -204,6 +214,8 @@ def _bench_parser(sub, common) -> None:
     p.add_argument("--reference", action="store_true", help="also time the PyTorch reference on the same inputs")
     p.add_argument("--windows", type=int, default=20)
     p.add_argument("--sweep", action="store_true", help="cost against window length (table + SVG plot)")
+    p.add_argument("--streams", type=_counts, default=(), metavar="N,N,...",
+                   help="estimates/s for N concurrent streams, one llama_decode each and batched, e.g. 1,2,4,8")
     p.add_argument("--no-clip", action="store_true", help="skip the whole-runtime clip runs")
     p.add_argument("--json", help="where to write the figures (default artifacts/bench-PRESET.json; "
                                   "bench-results/ keeps the published ones)")

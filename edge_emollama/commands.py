@@ -275,7 +275,7 @@ def cmd_bench(args, cfg: Config) -> int:
         export(cfg, validate=False, random_weights=args.random_weights)
     cfg.runtime.artifacts = folder
     options = BenchOptions(runtime=cfg.runtime, windows=args.windows, reference=args.reference,
-                           clip=not args.no_clip, sweep=args.sweep, progress=args.json)
+                           clip=not args.no_clip, sweep=args.sweep, progress=args.json, streams=args.streams)
     report = run_bench(options)
     print(format_report(report))
     out = Path(args.json or f"artifacts/bench-{report['preset']}.json")   # bench-results/ holds the kept figures

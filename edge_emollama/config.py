@@ -133,11 +133,14 @@ class ExportConfig:
     opset: int = 17
     seed: int = 0               # weights of the random presets
     device: str = "auto"        # where the PyTorch reference runs for tracing and checks: auto | cpu | cuda
+    vit_form: str = "fused"     # fused: ViT attention as com.microsoft.MultiHeadAttention, patch embeddings as
+                                # MatMuls (ONNX Runtime) | plain: standard ONNX operators only (comparisons)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> "ExportConfig":
         _choice("export.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("export.vit_form", self.vit_form, ("fused", "plain"))
         return self
 
 

@@ -52,7 +52,7 @@ def run_onnx(ctx: ExportContext) -> None:
     for branch, module in ctx.reference.export_units().items():
         with StepTimer(ctx, f"onnx {branch}"):
             files = export_branch(module, branch, ctx.spec, folder / f"{branch}.onnx", ctx.cfg.export.opset,
-                                  _metadata(ctx, precision="fp32"))
+                                  _metadata(ctx, precision="fp32"), fused=ctx.cfg.export.vit_form == "fused")
             _record_onnx(ctx, branch, "fp32", files)
 
 

@@ -1,4 +1,4 @@
-"""Two exports' encoders side by side on the CPU: time per branch and how far their outputs differ.
+"""Two exports' encoders side by side (CPU by default): time per branch and how far their outputs differ.
 
     python scripts/encoder_compare.py /tmp/mid /tmp/mid-fused --out bench-results/encoders-fused-mid.json
 
@@ -23,11 +23,11 @@ from edge_emollama.branches import BRANCHES
 from edge_emollama.manifest import load_artifacts
 
 
-def session(artifacts, branch: str, precision: str, threads: int):
+def session(artifacts, branch: str, precision: str, threads: int, provider: str):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     path = artifacts.path(format="onnx", branch=branch, precision=precision)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=[provider, "CPUExecutionProvider"])
 
 
 def timed(sess, feed: dict) -> tuple:
@@ -43,15 +43,16 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--provider", default="CPUExecutionProvider", help="e.g. CUDAExecutionProvider")
     parser.add_argument("--out", default="bench-results/encoders-compare.json")
     args = parser.parse_args()
     a, b = load_artifacts(args.before), load_artifacts(args.after)
     spec, rng = a.spec, np.random.default_rng()
     report = {"before": args.before, "after": args.after, "precision": args.precision, "runs": args.runs,
-              "threads": args.threads, "preset": a.manifest.preset, "branches": {}}
+              "threads": args.threads, "provider": args.provider, "preset": a.manifest.preset, "branches": {}}
     for name, branch in BRANCHES.items():
         feed = branch.example_inputs(spec, rng, frames=16, seconds=4.0)
-        sessions = (session(a, name, args.precision, args.threads), session(b, name, args.precision, args.threads))
+        sessions = tuple(session(x, name, args.precision, args.threads, args.provider) for x in (a, b))
         outs = [timed(s, feed)[1] for s in sessions]   # warm-up, and the outputs compared
         times = ([], [])
         for _ in range(args.runs):

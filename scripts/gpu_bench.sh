@@ -48,14 +48,14 @@ pack() {
   rm -rf "$tmp"
 }
 
-build_llama() {   # libllama + ggml with CUDA for this GPU; flash-attention kernels left out (half the build)
+build_llama() {   # libllama + ggml with CUDA; flash-attention kernels only with GGML_CUDA_FA=ON (twice the build)
   mkdir -p /tmp/llsrc && tar xzf "$payload/llama.cpp.tgz" -C /tmp/llsrc
   local arch
   arch=${CUDA_ARCH:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)}
   local generator=()
   command -v ninja > /dev/null && generator=(-G Ninja)
   cmake -S /tmp/llsrc/llama.cpp -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_CUDA_FA=OFF -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DGGML_CUDA_FA="${GGML_CUDA_FA:-OFF}" -DGGML_CUDA_NCCL=OFF -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF > /tmp/llb-configure.log 2>&1 || { cat /tmp/llb-configure.log; return 1; }
   cmake --build "$build" -j "$(( $(nproc) - 1 ))" && touch "$build/.done"
@@ -103,14 +103,31 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)"; np
     --quant 2>&1 | tee "$out/export.log" | grep -E "done in|failed|Error|error" ; [ -f "$art/manifest.json" ] || return 1
   stamp "bench"
   edge-emollama bench --artifacts "$art" --reference --windows "${WINDOWS:-12}" --sweep --no-clip \
-    --json "$out/bench-$preset.json" > "$out/bench.log" 2>&1
+    --streams 1,2,4 --json "$out/bench-$preset.json" > "$out/bench.log" 2>&1
   stamp "bench exit $?"
+  if [ $((SECONDS - start_s)) -lt $((stop - 150)) ]; then   # the encoders' export forms: fused against plain
+    stamp "plain-operator encoders, and fused against plain on CUDA"
+    printf 'export:\n  vit_form: plain\n' > "$out/plain.yaml"
+    edge-emollama export --config "$out/plain.yaml" --preset "$preset" --random-weights --out "$art-plain" \
+      --formats onnx onnx-fp16 > "$out/export-plain.log" 2>&1
+    for precision in fp16 fp32; do
+      python3 scripts/encoder_compare.py "$art-plain" "$art" --precision $precision --runs 10 \
+        --provider CUDAExecutionProvider --out "$out/encoders-$precision.json" >> "$out/encoders.log" 2>&1
+    done
+    stamp "encoders exit $?"
+  fi
   if [ $((SECONDS - start_s)) -lt "$stop" ]; then
     stamp "Q4_K_M against F16"
     python3 scripts/quant_compare.py "$art" "$out/quant-$preset.json" Q4_K_M > "$out/quant.log" 2>&1
     stamp "quant exit $?"
   fi
-  tail -40 "$out/bench.log"; tail -8 "$out/quant.log" 2>/dev/null
+  if [ $((SECONDS - start_s)) -lt "$stop" ]; then   # several people, one decode each and batched
+    stamp "people"
+    python3 scripts/people_bench.py --artifacts "$art" --seconds 8 --out "$out/people-$preset.json" \
+      > "$out/people.log" 2>&1
+    stamp "people exit $?"
+  fi
+  tail -40 "$out/bench.log"; tail -8 "$out/encoders.log" "$out/quant.log" "$out/people.log" 2>/dev/null
 }
 
 offline() {   # OUT [SECONDS]

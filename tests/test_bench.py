@@ -2,6 +2,8 @@
 the timed windows, and a failing optional section is reported without losing the others."""
 import json
 
+import pytest
+
 from edge_emollama.cli import main
 from edge_emollama.config import RuntimeConfig
 from edge_emollama.tools import bench
@@ -39,3 +41,16 @@ def test_a_failing_section_is_reported_and_the_other_figures_kept(tiny_artifacts
     assert saved["complete"] is True and saved["pipelined"]["published"] == 3
     assert saved["errors"] == {"llm_by_quant_ms": "RuntimeError: no such GGUF on this device"}
     assert "FAILED llm_by_quant_ms: RuntimeError: no such GGUF on this device" in capsys.readouterr().out
+
+
+def test_the_streams_sweep_scores_each_count_both_ways(tiny_artifacts, capsys):
+    report = run_bench(BenchOptions(RuntimeConfig(artifacts=str(tiny_artifacts)), windows=2, clip=False,
+                                    streams=(1, 3)))
+    assert report["errors"] == {} and [row["streams"] for row in report["streams"]] == [1, 3]
+    for row in report["streams"]:
+        assert row["batched_decode_calls"] == 1   # the tiny prompt of 3 windows fits one batch
+        assert row["estimates_per_s"] == row["streams"] * 1000 / (row["encoders_ms"] + row["llm_one_each_ms"])
+        assert row["estimates_per_s_overlapped"] >= row["estimates_per_s"] > 0
+    with pytest.raises(SystemExit) as refused:   # argparse: exit 2 with the message
+        main(["bench", "--artifacts", str(tiny_artifacts), "--streams", "0,2"])
+    assert refused.value.code == 2 and "stream counts from 1 to 16" in capsys.readouterr().err

@@ -81,3 +81,6 @@ def test_the_vits_export_fused_attention_and_matmul_patches_equal_to_pytorch(tmp
         assert {"Attention", "PatchEmbed"} <= kinds and not {"FusedAttention", "MatmulPatches"} & kinds
     with export_form(module) as swapped:   # the last one, VideoMAE: each block's attention and the patches
         assert swapped == TINY.videomae.depth + 1
+    plain, *_ = export_branch(module, "videomae", TINY, tmp_path / "plain.onnx", 17, {}, fused=False)
+    ops = {n.op_type for n in onnx.load(str(plain)).graph.node}   # export.vit_form: plain (TensorRT's files)
+    assert {"Conv", "Softmax"} <= ops and "MultiHeadAttention" not in ops

@@ -9,7 +9,10 @@ What is measured (all on synthetic windows of the preset's shapes, drawn from a 
 - clip run: the whole runtime on the generated sample clip (decode, faces, windows, stages, publish),
   as fast as possible (estimates/s) and in real time (capture-to-publish latency p50/p95);
 - reference: eager PyTorch encoders + projectors and the label by greedy decoding (4 tokens, as the
-  original's ``generate``), sequential, so its estimates per second are 1 / window latency.
+  original's ``generate``), sequential, so its estimates per second are 1 / window latency;
+- streams (``--streams 1,2,4,8``): N concurrent streams, a window of each per round through the encoders, then
+  the LLM scores the N windows one llama_decode each and all in one (``runtime.llm.batch_windows``), side by
+  side: the estimates per second each way.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ class BenchOptions:
     clip: bool = True
     sweep: bool = False
     progress: str | None = None   # the JSON is rewritten here after each section ("complete": false until the end)
+    streams: tuple = ()           # stream counts for the streams sweep (empty: none)
     subtitle: str = "i really think so"
 
 
@@ -238,6 +242,40 @@ def scaling(options: BenchOptions, spec: ModelSpec, encoders: EncoderStage, llm:
     return table
 
 
+def streams_sweep(options: BenchOptions, artifacts, encoders: EncoderStage, rounds: int = 4) -> list:
+    """For each stream count N: per round, one window of each of N streams (their own content, their own
+    source name) through the encoders, then the LLM on the N windows one decode each and in one batched decode.
+    ``estimates_per_s``: N / (encoders + LLM) per round, the stages one after the other (as they share the cores
+    of a CPU); ``*_overlapped``: N / the slower stage, the bound with the stages on separate units."""
+    spec, rng, table = artifacts.spec, np.random.default_rng(2), []
+    llm = LlmStage(artifacts, dataclasses.replace(options.runtime.llm, batch_windows=max(options.streams)))
+    llm.warmup()
+    try:
+        for count in options.streams:
+            streams = [synthetic_windows(spec, rng, rounds) for _ in range(count)]
+            for k, windows in enumerate(streams):
+                for window in windows:
+                    window.stamp.source = f"stream{k}"
+            enc, each, batched, calls = [], [], [], 0
+            for r in range(rounds):
+                start = time.perf_counter()
+                rows = [encoders(windows[r])[0] for windows in streams]
+                enc.append((time.perf_counter() - start) * 1000)
+                each.append(sum(llm(block, options.subtitle)[1] for block in rows))
+                batched.append(llm.score_batch(rows, options.subtitle)[1])
+                calls = llm.decode_calls
+            e, one, many = (float(np.median(v)) for v in (enc, each, batched))
+            table.append({"streams": count, "encoders_ms": e, "llm_one_each_ms": one, "llm_batched_ms": many,
+                          "batched_decode_calls": calls,
+                          "estimates_per_s": count * 1000 / (e + one),
+                          "estimates_per_s_batched": count * 1000 / (e + many),
+                          "estimates_per_s_overlapped": count * 1000 / max(e, one),
+                          "estimates_per_s_batched_overlapped": count * 1000 / max(e, many)})
+    finally:
+        llm.close()
+    return table
+
+
 def run_bench(options: BenchOptions) -> dict:
     artifacts = load_artifacts(options.runtime.artifacts)
     spec = artifacts.spec
@@ -266,6 +304,8 @@ def run_bench(options: BenchOptions) -> dict:
     _section(report, "llm_by_quant_ms", lambda: quant_latency(options, artifacts, encoders, items), options.progress)
     if options.sweep:
         _section(report, "scaling", lambda: scaling(options, spec, encoders, llm), options.progress)
+    if options.streams:
+        _section(report, "streams", lambda: streams_sweep(options, artifacts, encoders), options.progress)
     encoders.close()
     llm.close()
     report["pipelined"] = pipelined_throughput(options, items)
@@ -365,6 +405,11 @@ def format_report(report: dict) -> str:
         lines.append(f"scaling W={row['window_s']:.0f}s: frames {row['face_frames']}, window {row['window_ms']:.1f} ms, "
                      f"bound {row['pipelined_estimates_per_s']:.1f}/s with stages on separate units, "
                      f"min hop {row['min_hop_s']:.3f} s")
+    for row in report.get("streams", []):
+        lines.append(f"streams {row['streams']}: encoders {row['encoders_ms']:.1f} ms, LLM one decode each "
+                     f"{row['llm_one_each_ms']:.1f} ms / batched {row['llm_batched_ms']:.1f} ms "
+                     f"({row['batched_decode_calls']} call): {row['estimates_per_s']:.2f} / "
+                     f"{row['estimates_per_s_batched']:.2f} estimates/s")
     gpu = report.get("gpu_memory_runtime_mb")
     lines.append(f"peak RAM {report['peak_ram_mb']:.0f} MB, GPU memory with the runtime loaded "
                  f"{'n/a (no GPU)' if gpu is None else f'{gpu:.0f} MB'}")
