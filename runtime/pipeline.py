@@ -201,14 +201,7 @@ class Pipeline:
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:
         try:
             for first in self._items(inbox, outbox):
-                # a fixed runtime.subtitle overrides; else what speech recognition heard (capture attached it)
-                subtitle = self.config.subtitle or first.stamp.subtitle or ""
-                # other windows waiting with the same prompt (the window's other people, other streams' windows),
-                # oldest first: scored in the same llama_decode (runtime.llm.batch_windows)
-                def same_prompt(other, subtitle=subtitle) -> bool:
-                    return (self.config.subtitle or other.stamp.subtitle or "") == subtitle
-
-                batch = [first] + (inbox.take(same_prompt, stage.batch - 1) if stage.batch > 1 else [])
+                subtitle, batch = self._subtitle(first), self._waiting_with(first, inbox, stage.batch)
                 waited = [(now_ns() - item.stamp.sent_ns) / 1e6 for item in batch]
                 distributions, llm_ms = stage.score_batch([item.rows for item in batch], subtitle)
                 for item, probabilities, queued_ms in zip(batch, distributions, waited):
@@ -220,6 +213,19 @@ class Pipeline:
             if self.reasoner is not None:
                 self.control.set_explain(None)
                 self.reasoner.close()
+
+    def _subtitle(self, item) -> str:
+        """The prompt's subtitle: a fixed runtime.subtitle, else what speech recognition heard (capture attached
+        it to the window)."""
+        return self.config.subtitle or item.stamp.subtitle or ""
+
+    def _waiting_with(self, first, inbox: Consumer, limit: int) -> list:
+        """``first`` and, up to ``limit`` in all (runtime.llm.batch_windows), the windows waiting with the same
+        prompt (the window's other people, other streams' windows), oldest first: one llama_decode for them."""
+        if limit <= 1:
+            return [first]
+        subtitle = self._subtitle(first)
+        return [first] + inbox.take(lambda other: self._subtitle(other) == subtitle, limit - 1)
 
     def _publish_loop(self, inbox: Consumer, _outbox, _worker) -> None:
         book, dropped = StreamBook(self.config.fusion, self.artifacts.manifest.labels), 0

@@ -265,3 +265,22 @@ def test_the_llm_takes_the_other_people_of_a_window_together(ctx):
     assert [consumer.get(0.5).stamp.stream for _ in range(2)] == [("b", 1), ("a", 3)]
     consumer.close()
     producer.close()
+
+
+def test_windows_with_the_same_prompt_are_grouped_for_one_decode(ctx, tiny_artifacts, endpoints):
+    endpoint = f"inproc://group-{time.monotonic_ns()}"
+    producer = Producer(LinkOptions(endpoint), ctx)
+    consumer = Consumer(LinkOptions(endpoint), ctx, keep_newest=True)
+    said = {("a", 1): "hi", ("a", 2): "hi", ("b", 1): "hello", ("c", 1): "hi", ("d", 1): "hi"}
+    for (source, face_id), subtitle in said.items():
+        item = _item(source, face_id, 0)
+        item.stamp.subtitle = subtitle
+        assert producer.send(item, block_s=1.0)
+    time.sleep(0.3)
+    pipeline = Pipeline(runtime_config(tiny_artifacts, endpoints))   # not started: its grouping rule only
+    first = consumer.get(0.5)
+    group = pipeline._waiting_with(first, consumer, limit=3)
+    assert [i.stamp.stream for i in group] == [("a", 1), ("a", 2), ("c", 1)]   # same subtitle, at most 3
+    assert pipeline._waiting_with(consumer.get(0.5), consumer, limit=1)[0].stamp.stream == ("b", 1)
+    consumer.close()
+    producer.close()
