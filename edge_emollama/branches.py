@@ -10,7 +10,9 @@ declaration says (in the manner of optimum's per-model export configs):
   ``absent: zeros`` with no face / no speech) gets the branch's zero row (its projector's bias,
   ``zero_rows.npy``); with ``absent: encode`` (the extraction's way) black faces and silence are encoded;
 - whether it yields one row per frame (MAE: the window's row is their mean, so each frame is computed
-  once for all the windows that cover it);
+  once for all the windows that cover it), or has a batch axis (EVA, VideoMAE, HuBERT: axis 0 of every input
+  and output counts windows; window ``i``'s outputs are ``output[i]``, the shapes of one window's rows), so
+  that several windows (people, streams) go through one run (:meth:`Branch.split`);
 - the parity tolerance per precision (max |onnx - torch| / max |torch| over each output);
 - the TensorRT optimisation profile of its dynamic axes.
 
@@ -29,6 +31,8 @@ from .spec import FEATURE_BRANCHES, ModelSpec
 __all__ = ["TensorIO", "Branch", "EVA", "MAE", "VIDEOMAE", "HUBERT", "BRANCHES", "FEATURES", "assemble_media"]
 
 TOLERANCES = {"fp32": 1e-4, "fp16": 1e-2}
+BATCH = "batch"   # the name of the windows axis of a batched branch
+MAX_BATCH = 8     # the largest batch the TensorRT profiles allow (ONNX Runtime has no limit)
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,17 @@ class Branch(ABC):
     def output_names(self) -> tuple:
         return tuple(t.name for t in self.outputs)
 
+    @property
+    def batched(self) -> bool:
+        """Axis 0 of its inputs and outputs counts windows (see the module's docstring)."""
+        return all(t.dynamic.get(0) == BATCH for t in self.inputs + self.outputs)
+
+    def split(self, outputs: list, count: int) -> list:
+        """A batched run's outputs -> ``count`` windows' outputs, each as one window's run would give them."""
+        if not self.batched:
+            raise ValueError(f"{self.name} has no batch axis")
+        return [[output[i] for output in outputs] for i in range(count)]
+
     def dynamic_axes(self) -> dict:
         """{tensor name: {axis: name}} for torch.onnx.export and the manifest."""
         return {t.name: dict(t.dynamic) for t in self.inputs + self.outputs if t.dynamic}
@@ -72,10 +87,15 @@ class Branch(ABC):
         """{input name: shape} of random inputs with ``frames`` face frames and ``seconds`` of audio."""
 
     def example_inputs(self, spec: ModelSpec, rng: np.random.Generator, frames: int = 4,
-                       seconds: float = 1.0) -> dict:
-        """Random float32 inputs of the unit's input shapes (what validation draws fresh each run)."""
-        return {name: rng.standard_normal(shape).astype(np.float32)
-                for name, shape in self.example_shapes(spec, frames, seconds).items()}
+                       seconds: float = 1.0, batch: int = 1) -> dict:
+        """Random float32 inputs of the unit's input shapes (what validation draws fresh each run); ``batch``
+        windows for a batched branch."""
+        shapes = self.example_shapes(spec, frames, seconds)
+        if batch != 1:
+            if not self.batched:
+                raise ValueError(f"{self.name} has no batch axis")
+            shapes = {name: (batch, *shape[1:]) for name, shape in shapes.items()}
+        return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
     def trt_profile(self, spec: ModelSpec) -> dict:
         """{input name: (min, opt, max) shape} for the dynamic axes (TensorRT)."""
@@ -93,6 +113,10 @@ class _Eva(Branch):
 
     def example_shapes(self, spec: ModelSpec, frames: int, seconds: float) -> dict:
         return {"pixels": (1, 3, spec.eva.image_size, spec.eva.image_size)}
+
+    def trt_profile(self, spec: ModelSpec) -> dict:
+        image = (3, spec.eva.image_size, spec.eva.image_size)
+        return {"pixels": ((1, *image), (1, *image), (MAX_BATCH, *image))}
 
 
 class _Mae(Branch):
@@ -121,6 +145,11 @@ class _VideoMae(Branch):
         v = spec.videomae
         return {"clip": (1, 3, v.frames, v.image_size, v.image_size)}
 
+    def trt_profile(self, spec: ModelSpec) -> dict:
+        v = spec.videomae
+        clip = (3, v.frames, v.image_size, v.image_size)
+        return {"clip": ((1, *clip), (1, *clip), (MAX_BATCH, *clip))}
+
 
 class _Hubert(Branch):
     def raw(self, item):
@@ -133,19 +162,21 @@ class _Hubert(Branch):
         return {"pcm": (1, int(seconds * spec.hubert.sample_rate))}
 
     def example_inputs(self, spec: ModelSpec, rng: np.random.Generator, frames: int = 4,
-                       seconds: float = 1.0) -> dict:
-        return {k: 0.3 * v for k, v in super().example_inputs(spec, rng, frames, seconds).items()}   # speech-like level
+                       seconds: float = 1.0, batch: int = 1) -> dict:
+        return {k: 0.3 * v for k, v in super().example_inputs(spec, rng, frames, seconds, batch).items()}   # speech-like
 
     def trt_profile(self, spec: ModelSpec) -> dict:
         second = spec.hubert.sample_rate
-        return {"pcm": ((1, second // 4), (1, 2 * second), (1, 8 * second))}
+        return {"pcm": ((1, second // 4), (1, 4 * second), (MAX_BATCH, 8 * second))}
 
 
-EVA = _Eva("eva", (TensorIO("pixels"),), (TensorIO("patch_rows"), TensorIO("cls_row")))
+EVA = _Eva("eva", (TensorIO("pixels", {0: BATCH}),),
+           (TensorIO("patch_rows", {0: BATCH}), TensorIO("cls_row", {0: BATCH})))
 MAE = _Mae("mae", (TensorIO("faces", {0: "frames"}),), (TensorIO("mae_frame_rows", {0: "frames"}),), per_frame=True,
            per_person=True)
-VIDEOMAE = _VideoMae("videomae", (TensorIO("clip"),), (TensorIO("videomae_row"),), per_person=True)
-HUBERT = _Hubert("hubert", (TensorIO("pcm", {1: "samples"}),), (TensorIO("hubert_row"),))
+VIDEOMAE = _VideoMae("videomae", (TensorIO("clip", {0: BATCH}),), (TensorIO("videomae_row", {0: BATCH}),),
+                     per_person=True)
+HUBERT = _Hubert("hubert", (TensorIO("pcm", {0: BATCH, 1: "samples"}),), (TensorIO("hubert_row", {0: BATCH}),))
 
 BRANCHES = {b.name: b for b in (EVA, MAE, VIDEOMAE, HUBERT)}
 FEATURES = tuple(BRANCHES[name] for name in FEATURE_BRANCHES)   # media-block order of the three feature rows

@@ -285,9 +285,24 @@ class EncoderConfig:
                                                      "CPUExecutionProvider"])
     precision: str = "auto"         # fp32 | fp16 | auto (per device class, runtime/device.py)
     threads: int = 0                # 0: all cores
+    batch_windows: int = 1          # up to N waiting windows (people, streams) share each branch's run
+    io_binding: bool | None = None  # inputs/outputs bound on the provider's device (runtime/binding.py): true |
+                                    # false | null: per device class (on with a CUDA GPU, off on the CPU)
+    cuda_graphs: bool = False       # CUDA graphs, one per face-count bucket (CUDA provider only; not run on a GPU yet)
 
     def validate(self) -> "EncoderConfig":
         _choice("runtime.encoders.precision", self.precision, PRECISIONS)
+        _choice("runtime.encoders.io_binding", self.io_binding, (True, False, None))
+        _choice("runtime.encoders.cuda_graphs", self.cuda_graphs, (True, False))
+        if self.cuda_graphs and self.io_binding is False:
+            raise ConfigError("runtime.encoders.cuda_graphs: true runs through an IO binding, but io_binding is false: "
+                              "set io_binding: null (or true), or cuda_graphs: false")
+        if self.cuda_graphs and "CUDAExecutionProvider" not in self.providers:
+            raise ConfigError(f"runtime.encoders.cuda_graphs: true needs CUDAExecutionProvider in "
+                              f"runtime.encoders.providers (now {self.providers}); add it, or set cuda_graphs: false")
+        if not 1 <= self.batch_windows <= 16:
+            raise ConfigError(f"runtime.encoders.batch_windows = {self.batch_windows}: use 1 (one window per run) "
+                              "to 16")
         return self
 
 

@@ -33,7 +33,8 @@ __all__ = ["MANIFEST", "SCHEMA", "VERSION", "ArtifactFile", "PromptInfo", "Media
 MANIFEST = "manifest.json"
 VERIFIED = ".verified.json"
 SCHEMA = "edge-emollama.manifest"
-VERSION = 2       # 2: the extraction choices (faces, VideoMAE sampling and pooling, absent input, context)
+VERSION = 3       # 2: the extraction choices (faces, VideoMAE sampling and pooling, absent input, context)
+                  # 3: a batch axis (windows) on the EVA, VideoMAE and HuBERT files
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

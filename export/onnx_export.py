@@ -36,7 +36,8 @@ def export_branch(module, branch: str, spec: ModelSpec, path: Path, opset: int, 
     torch = require("torch")
     onnx = require("onnx")
     io = BRANCHES[branch]
-    sample = io.example_inputs(spec, np.random.default_rng(0), frames=3, seconds=0.5)
+    # two windows for a batched branch, so that nothing in the trace can take the batch for a constant
+    sample = io.example_inputs(spec, np.random.default_rng(0), frames=3, seconds=0.5, batch=2 if io.batched else 1)
     device = next(module.parameters()).device
     module.to("cpu")   # the TorchScript exporter's constant folding mixes CPU and CUDA tensors (torch 2.11)
     swap = export_form(module) if fused else contextlib.nullcontext(0)

@@ -60,7 +60,8 @@ def encoder_parity(reference, spec, branch: str, precision: str, path, rng, tria
                     "would fall back the same way", path.name, session.get_providers()[0], first)
     worst, shapes, io = 0.0, [], BRANCHES[branch]
     for _ in range(trials):
-        inputs = io.example_inputs(spec, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)))
+        inputs = io.example_inputs(spec, rng, frames=int(rng.integers(1, 17)), seconds=float(rng.uniform(0.5, 3)),
+                                   batch=int(rng.integers(1, 4)) if io.batched else 1)
         got = session.run(None, inputs)
         with torch.no_grad():
             want = module(*(torch.from_numpy(inputs[n]).to(device) for n in io.input_names))

@@ -1,4 +1,8 @@
-"""The four encoder branches through ONNX Runtime (sessions created once per branch)."""
+"""The four encoder branches through ONNX Runtime (sessions created once per branch).
+
+Each branch's session runs through one runner of runtime/binding.py: plain ``session.run``, an IO binding
+(``runtime.encoders.io_binding``; by default on with a CUDA GPU), or CUDA graphs (``runtime.encoders.cuda_graphs``,
+off by default, CUDA provider only). All of them take and return numpy arrays."""
 from __future__ import annotations
 
 import functools
@@ -7,9 +11,11 @@ import logging
 import numpy as np
 
 from ..branches import BRANCHES
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..lazy import require
 from ..manifest import Artifacts
+from .binding import GPU_PROVIDERS, BoundRunner, GraphRunner, PlainRunner
+from .device import resolve
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +58,15 @@ def _libraries_load(provider: str) -> bool:
 
 
 class OnnxEncoders:
-    """``run(branch, inputs) -> outputs`` for each exported branch of one precision."""
+    """``run(branch, inputs) -> outputs`` for each exported branch of one precision.
+
+    ``io_binding``: True, False or None (per device class, runtime/device.py; a session that runs on the CPU
+    then goes without). ``cuda_graphs``: CUDA graphs through the CUDA provider (runtime/binding.py), refused
+    where that provider is not the one in use."""
 
     def __init__(self, artifacts: Artifacts, precision: str = "fp32", providers: list | None = None,
-                 threads: int = 0, branches: tuple = tuple(BRANCHES)):
+                 threads: int = 0, branches: tuple = tuple(BRANCHES), io_binding: bool | None = None,
+                 cuda_graphs: bool = False):
         ort = require("onnxruntime")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -65,28 +76,64 @@ class OnnxEncoders:
         # stage (llama.cpp) needs next: measured 2-3 ms -> 16 ms per LLM call on 2 cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = choose_providers(providers or ["CPUExecutionProvider"])
-        self.precision = precision
-        self.sessions, self.session_providers = {}, {}
+        if cuda_graphs:
+            if io_binding is False:
+                raise ConfigError("runtime.encoders.cuda_graphs: true runs through an IO binding, but io_binding is "
+                                  "false: set io_binding: null (or true), or cuda_graphs: false")
+            _require_cuda_provider(self.providers)
+        self.precision, self.cuda_graphs = precision, cuda_graphs
+        self.io_binding = cuda_graphs or resolve("io_binding", "auto" if io_binding is None else io_binding)
+        self.sessions, self.session_providers, self.runners = {}, {}, {}
         for branch in branches:
-            path = artifacts.path(format="onnx", branch=branch, precision=precision)
-            try:
-                self.sessions[branch] = ort.InferenceSession(str(path), options, providers=self.providers)
-            except Exception as exc:
-                raise ArtifactError(f"ONNX Runtime cannot load {path} ({exc}); re-export the folder") from exc
-            self.session_providers[branch] = used = self.sessions[branch].get_providers()[0]
+            self.sessions[branch] = session = self._session(ort, artifacts, branch, options)
+            self.session_providers[branch] = used = session.get_providers()[0]
             if used != self.providers[0]:   # onnxruntime retried on the CPU after the GPU provider failed
                 log.warning("encoder %s (%s) runs on %s: %s failed on it (onnxruntime's message above). "
                             "Try runtime.encoders.precision: fp32, or check the CUDA/cuDNN libraries", branch, precision,
                             used, self.providers[0])
+            self.runners[branch] = self._runner(branch, session, explicit=io_binding is not None)
+
+    def _session(self, ort, artifacts: Artifacts, branch: str, options):
+        path = artifacts.path(format="onnx", branch=branch, precision=self.precision)
+        providers = [(p, {"enable_cuda_graph": "1"}) if self.cuda_graphs and p == "CUDAExecutionProvider" else p
+                     for p in self.providers]
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise ArtifactError(f"ONNX Runtime cannot load {path} ({exc}); re-export the folder") from exc
+
+    def _runner(self, branch: str, session, explicit: bool):
+        """How this branch's session runs: CUDA graphs, an IO binding, or plain ``session.run``."""
+        if self.cuda_graphs:
+            if self.session_providers[branch] != "CUDAExecutionProvider":
+                raise ArtifactError(f"runtime.encoders.cuda_graphs: encoder {branch} ({self.precision}) fell back "
+                                    f"to {self.session_providers[branch]} with CUDA graphs on (onnxruntime's message "
+                                    "above: a graph needs every node on the CUDA provider). Set "
+                                    "runtime.encoders.cuda_graphs: false")
+            return GraphRunner(session, branch)
+        on_gpu = self.session_providers[branch] in GPU_PROVIDERS
+        if self.io_binding and (explicit or on_gpu):
+            return BoundRunner(session)
+        return PlainRunner(session)
 
     def run(self, branch: str, inputs: dict) -> list:
         session = self.sessions[branch]
         feed = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32) for i in session.get_inputs()}
         try:
-            return session.run(None, feed)
+            return self.runners[branch].run(feed)
         except Exception as exc:
             if self.session_providers[branch] == "CPUExecutionProvider":
                 raise
+            graphs = "runtime.encoders.cuda_graphs: false, " if self.cuda_graphs else ""
             raise ArtifactError(f"encoder {branch} ({self.precision}) failed on {self.session_providers[branch]}: "
-                                f"{str(exc)[:300]}. Set runtime.encoders.precision: fp32, or runtime.encoders.providers: "
-                                "[CPUExecutionProvider] to run it on the CPU") from exc
+                                f"{str(exc)[:300]}. Set {graphs}runtime.encoders.precision: fp32, or "
+                                "runtime.encoders.providers: [CPUExecutionProvider] to run it on the CPU") from exc
+
+
+def _require_cuda_provider(providers: list) -> None:
+    """CUDA graphs are the CUDA provider's: refused where another provider comes first."""
+    if providers[0] != "CUDAExecutionProvider":
+        raise ConfigError(f"runtime.encoders.cuda_graphs: true needs the CUDA provider, but the providers in use "
+                          f"here are {providers} (onnxruntime-gpu and a CUDA GPU give CUDAExecutionProvider; "
+                          "TensorRT, if listed first, must be left out). Set runtime.encoders.cuda_graphs: false, "
+                          "or runtime.encoders.providers: [CUDAExecutionProvider, CPUExecutionProvider]")

@@ -192,11 +192,13 @@ class Pipeline:
             self._send(outbox, EndOfInput())
 
     def _encode_loop(self, inbox: Consumer, outbox: Producer, stage: EncoderStage) -> None:
-        for item in self._items(inbox, outbox):
-            waited = (now_ns() - item.stamp.sent_ns) / 1e6
-            rows, timings = stage(item)
-            stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_encode_ms=waited, **timings)
-            self._send(outbox, RowsItem(stamp, rows))
+        for first in self._items(inbox, outbox):
+            # up to runtime.encoders.batch_windows waiting windows (people, streams) share each branch's run
+            batch = [first] + (inbox.take(lambda _: True, stage.batch - 1) if stage.batch > 1 else [])
+            waited = [(now_ns() - item.stamp.sent_ns) / 1e6 for item in batch]
+            for item, (rows, timings), queued_ms in zip(batch, stage.encode(batch), waited):
+                stamp = item.stamp.timed(now_ns(), inbox.replaced, queue_encode_ms=queued_ms, **timings)
+                self._send(outbox, RowsItem(stamp, rows))
 
     def _llm_loop(self, inbox: Consumer, outbox: Producer, stage: LlmStage) -> None:
         try:

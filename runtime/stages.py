@@ -7,8 +7,8 @@ declaration (edge_emollama/branches.py). Without any video, EVA sees an all-zero
 """
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -36,102 +36,130 @@ def _ms(start: float) -> float:
 
 
 class EncoderStage:
-    """window item -> (media rows [media_rows, hidden] float32 in the documented order, timings in ms)."""
+    """window items -> (media rows [media_rows, hidden] float32 in the documented order, timings in ms) each.
+
+    Windows encoded together (:meth:`encode`: the people of a window, other streams' windows) share each
+    branch's run: the batched branches (EVA, VideoMAE, HuBERT) stack their feeds along the batch axis, MAE
+    runs on all their new frames at once. EVA's and HuBERT's outputs are computed once per window for all of
+    its people (cached by window), MAE's once per frame for all the windows that cover it."""
 
     def __init__(self, artifacts: Artifacts, config: EncoderConfig = EncoderConfig(), parallel: bool = True):
         self.spec = artifacts.spec
+        self.batch = max(1, config.batch_windows)   # windows the pipeline hands :meth:`encode` at once
         self.zeros = artifacts.manifest.features.zeros()
         names = tuple(name for name in BRANCHES if name not in self.zeros)
         self.encoders = OnnxEncoders(artifacts, resolve("precision", config.precision), config.providers,
-                                     config.threads, names)
+                                     config.threads, names, io_binding=config.io_binding,
+                                     cuda_graphs=config.cuda_graphs)
         self.zero_rows = artifacts.zero_rows()
         self._pool = ThreadPoolExecutor(len(names), thread_name_prefix="encoder") if parallel else None
         self._frame_rows: OrderedDict = OrderedDict()   # (source, capture ns, face box) -> MAE row of that frame
-        self._shared: OrderedDict = OrderedDict()       # (branch, source, window index) -> EVA / HuBERT outputs
-        self._shared_lock = threading.Lock()            # branches run on the pool's threads
+        self._shared: OrderedDict = OrderedDict()       # (branch, source, window, content) -> EVA / HuBERT outputs
         self.frames_reused = 0                           # MAE frames served from the cache (bench reports it)
         self.shared_reused = 0                           # EVA / HuBERT outputs reused for another person
 
-    def _jobs(self, item) -> dict:
-        """branch -> a job returning (outputs, preprocess ms, run ms), for the branches this window feeds."""
-        jobs = {}
-        for name, branch in BRANCHES.items():
-            raw = branch.raw(item)
-            if name in self.zeros or (raw is None and branch is not EVA):
-                continue
-            if branch.per_frame:
-                jobs[name] = lambda b=branch, r=raw: self._per_frame(b, item, r)
-            elif branch.per_person:
-                jobs[name] = lambda b=branch, r=raw: self._timed(b, lambda: b.feed(r, self.spec))
-            else:
-                jobs[name] = lambda b=branch, r=raw: self._shared_run(b, item, r)
-        return jobs
-
-    def _shared_run(self, branch, item, raw) -> tuple:
-        """EVA's and HuBERT's outputs for a window, computed once for all the people of that window."""
-        key = (branch.name, item.stamp.source, item.index, item.t1_ns, _fingerprint(raw))
-        with self._shared_lock:
-            if key in self._shared:
-                self.shared_reused += 1
-                return self._shared[key][0], 0.0, 0.0
-        result = self._timed(branch, lambda: branch.feed(raw, self.spec))
-        with self._shared_lock:
-            self._shared[key] = result
-            while len(self._shared) > SHARED_CACHE:
-                self._shared.popitem(last=False)
-        return result
-
     def __call__(self, item) -> tuple:
-        """Each branch preprocesses and runs as one job, so the jobs overlap on a thread pool (ONNX Runtime and
-        the numpy/Pillow preprocessing release the GIL)."""
+        return self.encode([item])[0]
+
+    def encode(self, items: list) -> list:
+        """[(media rows, timings)] for ``items``, each branch one job for all of them, the jobs overlapping on a
+        thread pool (ONNX Runtime and the numpy/Pillow preprocessing release the GIL). A branch's timings are
+        its whole run for the items together."""
         start = time.perf_counter()
-        jobs = self._jobs(item)
+        jobs = {name: functools.partial(self._branch, branch, items) for name, branch in BRANCHES.items()
+                if name not in self.zeros}
         if self._pool is not None:
             futures = {name: self._pool.submit(job) for name, job in jobs.items()}
-            outputs = {name: future.result() for name, future in futures.items()}
+            done = {name: future.result() for name, future in futures.items()}
         else:
-            outputs = {name: job() for name, job in jobs.items()}
+            done = {name: job() for name, job in jobs.items()}
+        total = _ms(start)
+        return [self._media(index, done, total) for index in range(len(items))]
+
+    def _media(self, index: int, done: dict, total_ms: float) -> tuple:
+        """One item's media block and timings from the branches' results (its zero rows where it has none)."""
         timings = {}
-        for name, (_, prep_ms, run_ms) in outputs.items():
-            timings[f"preprocess_{name}_ms"], timings[f"encoder_{name}_ms"] = prep_ms, run_ms
-        patch_rows, cls_row = outputs["eva"][0]
-        rows = [outputs[b.name][0][0] if b.name in outputs else self.zero_rows[i:i + 1] for i, b in enumerate(FEATURES)]
-        timings["encoders_ms"] = _ms(start)
+        for name, (outputs, prep_ms, run_ms) in done.items():
+            if index in outputs:
+                timings[f"preprocess_{name}_ms"], timings[f"encoder_{name}_ms"] = prep_ms, run_ms
+        patch_rows, cls_row = done["eva"][0][index]
+        rows = [done[b.name][0][index][0] if b.name in done and index in done[b.name][0] else self.zero_rows[i:i + 1]
+                for i, b in enumerate(FEATURES)]
+        timings["encoders_ms"] = total_ms
         return assemble_media(patch_rows, rows, cls_row), timings
+
+    def _branch(self, branch, items: list) -> tuple:
+        """({item index: the branch's outputs for it}, preprocess ms, run ms), for the items it has input for
+        (EVA: every item; without video it sees a mean-colour image)."""
+        raws = {i: raw for i, raw in enumerate(branch.raw(item) for item in items) if raw is not None or branch is EVA}
+        if branch.per_frame:
+            return self._per_frame(branch, items, raws)
+        if branch.per_person:
+            return self._batched(branch, raws)
+        return self._shared_run(branch, items, raws)
+
+    def _batched(self, branch, raws: dict) -> tuple:
+        """{key: raw} -> ({key: outputs}, preprocess ms, run ms): the feeds stacked along the batch axis, one run
+        per group of equal shapes (HuBERT's audio lengths may differ)."""
+        start = time.perf_counter()
+        feeds = {key: branch.feed(raw, self.spec) for key, raw in raws.items()}
+        groups: dict = {}
+        for key, feed in feeds.items():
+            groups.setdefault(tuple(v.shape for v in feed.values()), []).append(key)
+        prepared = time.perf_counter()
+        outputs = {}
+        for keys in groups.values():
+            stacked = {name: np.concatenate([feeds[key][name] for key in keys]) for name in branch.input_names}
+            outputs.update(zip(keys, branch.split(self.encoders.run(branch.name, stacked), len(keys))))
+        return outputs, (prepared - start) * 1e3, _ms(prepared)
+
+    def _shared_run(self, branch, items: list, raws: dict) -> tuple:
+        """EVA's and HuBERT's outputs, computed once per window for all the people of that window."""
+        keys = {i: (branch.name, items[i].stamp.source, items[i].index, items[i].t1_ns, _fingerprint(raw))
+                for i, raw in raws.items()}
+        missing = {key: raws[i] for i, key in keys.items() if key not in self._shared}
+        fresh, prep_ms, run_ms = self._batched(branch, missing)
+        self.shared_reused += len(keys) - len(fresh)
+        self._shared.update(fresh)   # one encoder thread per branch, and one branch per key: no lock needed
+        outputs = {i: fresh[key] if key in fresh else self._shared[key] for i, key in keys.items()}
+        while len(self._shared) > SHARED_CACHE:
+            self._shared.popitem(last=False)
+        return outputs, prep_ms, run_ms
 
     def warmup(self) -> None:
         """One synthetic window through every branch (ONNX Runtime plans its first run lazily)."""
         self(synthetic_window(self.spec, np.random.default_rng(0)))
 
-    def _timed(self, branch, prepare) -> tuple:
+    def _per_frame(self, branch, items: list, raws: dict) -> tuple:
+        """A per-frame branch's rows (MAE): each window's row is the mean of its frames' rows, each frame computed
+        once (cached by source, capture time and face box) for all the windows that cover it; the new frames of
+        all ``items`` in one run."""
         start = time.perf_counter()
-        feed = prepare()
-        prepared = time.perf_counter()
-        return self.encoders.run(branch.name, feed), (prepared - start) * 1e3, _ms(prepared)
-
-    def _per_frame(self, branch, item, crops) -> tuple:
-        """A per-frame branch's row (MAE): the mean of its frames' rows, each frame computed once (cached by
-        capture time and face box) however many overlapping windows cover it."""
-        start = time.perf_counter()
-        crops = np.asarray(crops)
-        keys = [key if key is None else (item.stamp.source, *key) for key in _frame_keys(item, len(crops))]
-        new = [i for i, key in enumerate(keys) if key is None or key not in self._frame_rows]
+        crops = {i: np.asarray(raw) for i, raw in raws.items()}
+        keys = {i: [k if k is None else (items[i].stamp.source, *k) for k in _frame_keys(items[i], len(c))]
+                for i, c in crops.items()}
+        new, pending = [], set()
+        for i, frame_keys in keys.items():
+            for j, key in enumerate(frame_keys):
+                if key is None or (key not in self._frame_rows and key not in pending):
+                    new.append((i, j))
+                    pending.add(key)
         prepared = run_ms = 0.0
         fresh = {}
         if new:
-            feed = branch.feed(crops[new], self.spec)
+            feed = branch.feed([crops[i][j] for i, j in new], self.spec)
             prepared = time.perf_counter()
             fresh = dict(zip(new, self.encoders.run(branch.name, feed)[0]))
             run_ms = _ms(prepared)
             prepared = (prepared - start) * 1e3
-        rows = np.stack([fresh[i] if i in fresh else self._frame_rows[key] for i, key in enumerate(keys)])
-        for i, row in fresh.items():
-            if keys[i] is not None:
-                self._frame_rows[keys[i]] = row
+        self._frame_rows.update((keys[i][j], row) for (i, j), row in fresh.items() if keys[i][j] is not None)
+        outputs = {i: [np.stack([fresh[(i, j)] if (i, j) in fresh else self._frame_rows[key]
+                                 for j, key in enumerate(frame_keys)]).mean(axis=0, keepdims=True)]
+                   for i, frame_keys in keys.items()}
+        self.frames_reused += sum(len(k) for k in keys.values()) - len(fresh)
         while len(self._frame_rows) > FRAME_CACHE:
             self._frame_rows.popitem(last=False)
-        self.frames_reused += len(keys) - len(new)
-        return [rows.mean(axis=0, keepdims=True)], prepared, run_ms
+        return outputs, prepared, run_ms
 
     def close(self) -> None:
         if self._pool is not None:

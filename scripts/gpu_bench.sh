@@ -19,9 +19,12 @@
 # GPU backends removed, ~3 MB), llama_cpp_py.tgz (llama-cpp-python's Python package; its libraries are the
 # build's), ort.part.* (onnxruntime-gpu, a CUDA 13 build, as a split tar.xz of ~200 MB, so that it can be
 # carried in parts) and wheels the GPU machine lacks (pyzmq, gguf, diskcache, transformers).
-# The Q4_K_M comparison runs only while fewer than SECONDS (default 480) have passed.
+# The Q4_K_M comparison runs only while fewer than SECONDS (default 480) have passed; the encoder variants
+# (fp32 and fp16 encoders run plain, with IO binding, as CUDA graphs and 4 windows a run: encoder-variants-*.json)
+# while fewer than SECONDS - 180. `scripts/gpu_bench.sh encoder-variants ART OUT` runs that section alone
+# (ENCODER_PROVIDER=CPUExecutionProvider: a CPU check of the section, the CUDA variants skipped with a note).
 set -uo pipefail
-cmd=${1:?pack | build-llama | measure | offline}
+cmd=${1:?pack | build-llama | measure | offline | encoder-variants}
 payload=$(realpath -m "${2:?a folder}")
 site=/tmp/site
 build=/tmp/llb
@@ -105,6 +108,7 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)"; np
   edge-emollama bench --artifacts "$art" --reference --windows "${WINDOWS:-12}" --sweep --no-clip \
     --streams 1,2,4 --json "$out/bench-$preset.json" > "$out/bench.log" 2>&1
   stamp "bench exit $?"
+  encoder_variants "$art" "$out" "$stop"
   if [ $((SECONDS - start_s)) -lt $((stop - 150)) ]; then   # the encoders' export forms: fused against plain
     stamp "plain-operator encoders, and fused against plain on CUDA"
     printf 'export:\n  vit_form: plain\n' > "$out/plain.yaml"
@@ -128,6 +132,19 @@ print('torch', torch.__version__, 'transformers', transformers.__version__)"; np
     stamp "people exit $?"
   fi
   tail -40 "$out/bench.log"; tail -8 "$out/encoders.log" "$out/quant.log" "$out/people.log" 2>/dev/null
+  tail -20 "$out/encoder-variants.log" 2>/dev/null
+}
+
+encoder_variants() {   # ART OUT STOP: one export's encoders run plain, with IO binding, as CUDA graphs, 4 windows a run
+  local art=$1 out=$2 stop=$3 precision
+  for precision in fp32 fp16; do
+    if [ $((SECONDS - start_s)) -ge $((stop - 180)) ]; then stamp "encoder variants $precision: no time left"; continue; fi
+    stamp "encoder variants $precision: plain, io_binding, cuda_graphs, batch4 on ${ENCODER_PROVIDER:-CUDAExecutionProvider}"
+    timeout "${VARIANT_TIMEOUT:-150}" python3 scripts/encoder_compare.py "$art" --precision $precision --runs 20 \
+      --variants plain,io_binding,cuda_graphs,batch4 --provider "${ENCODER_PROVIDER:-CUDAExecutionProvider}" \
+      --out "$out/encoder-variants-$precision.json" >> "$out/encoder-variants.log" 2>&1
+    stamp "encoder variants $precision exit $?"
+  done
 }
 
 offline() {   # OUT [SECONDS]
@@ -144,5 +161,6 @@ case $cmd in
   build-llama) build_llama ;;
   measure) measure "${@:2}" ;;
   offline) offline "${@:3}" ;;
-  *) echo "unknown command $cmd: pack | build-llama | measure | offline"; exit 2 ;;
+  encoder-variants) mkdir -p "${3:?OUT}" && encoder_variants "$payload" "$3" "${4:-480}" ;;
+  *) echo "unknown command $cmd: pack | build-llama | measure | offline | encoder-variants"; exit 2 ;;
 esac

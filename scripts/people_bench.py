@@ -5,8 +5,10 @@ on two 2-person files at once, each run paced as a live source (windows dropped 
 
 Prints a table and writes the JSON: per run, estimates/s in all and per person, per-person latency (p50 / p90
 of publish time - window end), windows each person missed, and the encoder/LLM stage times per window. Each
-several-people run goes twice: one llama_decode per person (the default) and the people of a window that wait
-together in one llama_decode (``runtime.llm.batch_windows: 4``, "people batched"), side by side.
+several-people run goes twice: each person's window through its own encoder runs and llama_decode (the default),
+and the windows that wait together (the people of a window, other sources) through one run per encoder branch
+and one llama_decode (``runtime.encoders.batch_windows: 4``, ``runtime.llm.batch_windows: 4``, "people
+batched"), side by side.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ RUNS = (("1 person", (1,)), ("2 people", (2,)), ("4 people", (4,)), ("2 sources 
 
 def run(artifacts, clips: list, seconds: float, batch: bool) -> dict:
     config = RuntimeConfig(artifacts=str(artifacts), sources=SourcesConfig(video=[str(c) for c in clips]),
-                           encoders=EncoderConfig(), llm=LlmConfig(batch_windows=4 if batch else 1),
+                           encoders=EncoderConfig(batch_windows=4 if batch else 1),
+                           llm=LlmConfig(batch_windows=4 if batch else 1),
                            publish=PublishConfig(endpoint="tcp://127.0.0.1:*"),
                            control=ControlConfig(endpoint="tcp://127.0.0.1:*"))
     seen = defaultdict(list)

@@ -96,7 +96,8 @@ def runtime_config(artifacts, endpoints=None, *, video=None, realtime=True, **ch
     endpoints = endpoints or ("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
     base = dict(artifacts=str(artifacts), sources=SourcesConfig(video=None if video is None else str(video),
                                                                 realtime=realtime),
-                encoders=EncoderConfig(threads=1), llm=LlmConfig(threads=1),
+                # F16: tests compare with the reference at its tolerance (a device's default may be Q8_0)
+                encoders=EncoderConfig(threads=1), llm=LlmConfig(threads=1, quant="F16"),
                 publish=PublishConfig(endpoint=endpoints[0]), control=ControlConfig(endpoint=endpoints[1]))
     return RuntimeConfig(**{**base, **changes})
 

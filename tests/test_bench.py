@@ -5,14 +5,15 @@ import json
 import pytest
 
 from edge_emollama.cli import main
-from edge_emollama.config import RuntimeConfig
+from edge_emollama.config import LlmConfig, RuntimeConfig
 from edge_emollama.tools import bench
 from edge_emollama.tools.bench import BenchOptions, run_bench
 
 
 def test_bench_figures_hang_together_and_the_labels_match_the_reference(tiny_artifacts, tmp_path):
     progress = tmp_path / "bench.json"
-    report = run_bench(BenchOptions(RuntimeConfig(artifacts=str(tiny_artifacts)), windows=4, reference=True,
+    runtime = RuntimeConfig(artifacts=str(tiny_artifacts), llm=LlmConfig(quant="F16"))   # the F16 tolerance below
+    report = run_bench(BenchOptions(runtime, windows=4, reference=True,
                                     clip=False, progress=str(progress)))
     assert report["errors"] == {}
     latency = report["stage_latency_ms"]
@@ -50,6 +51,8 @@ def test_the_streams_sweep_scores_each_count_both_ways(tiny_artifacts, capsys):
     for row in report["streams"]:
         assert row["batched_decode_calls"] == 1   # the tiny prompt of 3 windows fits one batch
         assert row["estimates_per_s"] == row["streams"] * 1000 / (row["encoders_ms"] + row["llm_one_each_ms"])
+        assert row["estimates_per_s_batched"] == row["streams"] * 1000 / (row["encoders_batched_ms"]
+                                                                          + row["llm_batched_ms"])
         assert row["estimates_per_s_overlapped"] >= row["estimates_per_s"] > 0
     with pytest.raises(SystemExit) as refused:   # argparse: exit 2 with the message
         main(["bench", "--artifacts", str(tiny_artifacts), "--streams", "0,2"])

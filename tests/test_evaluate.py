@@ -142,7 +142,9 @@ def labelled(tmp_path_factory):
         lines.append(f"{name},{label},{subtitle or ''}")
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
     config = folder / "config.yaml"
-    config.write_text(f"runtime:\n  subtitle: {FIXED_SUBTITLE}\n  encoders:\n    threads: 2\n  llm:\n    threads: 2\n")
+    # F16: the reference comparison below uses its tolerance (a device's default may be Q8_0, runtime/device.py)
+    config.write_text(f"runtime:\n  subtitle: {FIXED_SUBTITLE}\n  encoders:\n    threads: 2\n  llm:\n    threads: 2\n"
+                      "    quant: F16\n")
     return folder
 
 

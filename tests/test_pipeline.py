@@ -53,7 +53,7 @@ def test_runtime_distribution_equals_the_reference(tiny_artifacts, tiny_tok):
     from edge_emollama.spec import TINY
 
     artifacts = load_artifacts(tiny_artifacts)
-    encoders, llm = EncoderStage(artifacts, parallel=False), LlmStage(artifacts, LlmConfig(threads=1))
+    encoders, llm = EncoderStage(artifacts, parallel=False), LlmStage(artifacts, LlmConfig(threads=1, quant="F16"))
     reference = build_random(TINY, tiny_tok, seed=0)
     rng = np.random.default_rng()
     for frames in (3, 11):

@@ -12,7 +12,7 @@ from .audio import normalize_waveform
 
 
 class EvaBranch(nn.Module):
-    """pixels [1, 3, S, S] -> patch_rows [P/4, hidden], cls_row [1, hidden] (encode_img of minigpt_v2)."""
+    """pixels [B, 3, S, S] -> patch_rows [B, P/4, hidden], cls_row [B, 1, hidden] (encode_img of minigpt_v2)."""
 
     def __init__(self, eva, ln_vision, llama_proj, cls_tk_llama_proj):
         super().__init__()
@@ -25,7 +25,7 @@ class EvaBranch(nn.Module):
         patches = embeds[:, 1:, :]
         b, n, c = patches.shape
         patch_rows = self.llama_proj(patches.reshape(b, n // 4, c * 4))
-        return patch_rows[0], cls_row[0]
+        return patch_rows, cls_row
 
 
 class FaceBranch(nn.Module):
@@ -55,18 +55,18 @@ class FaceFrameBranch(nn.Module):
 
 
 class VideoBranch(nn.Module):
-    """clip [1, 3, 16, 224, 224] -> [1, hidden]: VideoMAE tokens, mean, feats_llama_proj2."""
+    """clip [B, 3, 16, 224, 224] -> [B, 1, hidden]: VideoMAE tokens, mean, feats_llama_proj2."""
 
     def __init__(self, video_vit, proj):
         super().__init__()
         self.video_vit, self.proj = video_vit, proj
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.video_vit(clip).mean(dim=1))
+        return self.proj(self.video_vit(clip).mean(dim=1, keepdim=True))
 
 
 class AudioBranch(nn.Module):
-    """pcm [1, S] at 16 kHz in [-1, 1] -> [1, hidden]: normalise, HuBERT last layer, mean, feats_llama_proj3."""
+    """pcm [B, S] at 16 kHz in [-1, 1] -> [B, 1, hidden]: normalise, HuBERT last layer, mean, feats_llama_proj3."""
 
     def __init__(self, hubert, proj):
         super().__init__()
@@ -74,4 +74,4 @@ class AudioBranch(nn.Module):
 
     def forward(self, pcm: torch.Tensor) -> torch.Tensor:
         hidden = self.hubert(normalize_waveform(pcm)).last_hidden_state
-        return self.proj(hidden.mean(dim=1))
+        return self.proj(hidden.mean(dim=1, keepdim=True))

@@ -68,11 +68,16 @@ class EmotionLlamaReference(nn.Module):
         edge_emollama/branches.py). A feature branch listed in ``zeros`` or absent from ``feeds`` gives its zero
         row, as the runtime does for a window without that input."""
         units = self.branches()
-        patch_rows, cls_row = units["eva"](*self._tensors(feeds["eva"]))
+        patch_rows, cls_row = (out[0] for out in units["eva"](*self._tensors(feeds["eva"])))
         zero = self.zero_rows()
-        rows = [zero[i:i + 1] if b.name in zeros or b.name not in feeds else _numpy(units[b.name](*self._tensors(feeds[b.name])))
+        rows = [zero[i:i + 1] if b.name in zeros or b.name not in feeds else _numpy(self._window_row(units[b.name], feeds[b.name]))
                 for i, b in enumerate(FEATURES)]
         return assemble_media(_numpy(patch_rows), rows, _numpy(cls_row))
+
+    def _window_row(self, unit, feed: dict) -> torch.Tensor:
+        """[1, hidden]: the feature row of one window (the batched units give [1, 1, hidden])."""
+        row = unit(*self._tensors(feed))
+        return row[0] if row.dim() == 3 else row
 
     def _tensors(self, feed: dict) -> list:
         """A branch's numpy feed as tensors on this model's device and dtype (CPU float32 for tests, CUDA fp16
