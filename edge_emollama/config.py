@@ -284,7 +284,7 @@ class EncoderConfig:
     providers: list = field(default_factory=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                                      "CPUExecutionProvider"])
     precision: str = "auto"         # fp32 | fp16 | auto (per device class, runtime/device.py)
-    threads: int = 0                # 0: all cores
+    threads: int = 0                # per branch session; 0: the cores / the branches that run at once
     batch_windows: int = 1          # up to N waiting windows (people, streams) share each branch's run
     io_binding: bool | None = None  # inputs/outputs bound on the provider's device (runtime/binding.py): true |
                                     # false | null: per device class (on with a CUDA GPU, off on the CPU)

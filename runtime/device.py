@@ -79,9 +79,13 @@ def _llama_cpu_features() -> frozenset:
         return frozenset()
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace")
-    return frozenset(name.strip() for name, _, value in (part.partition("=") for part in info.replace("CPU :", "|")
-                                                         .split("|")) if value.strip() == "1")
+    return system_info_features(llama_cpp.llama_print_system_info().decode(errors="replace"))
+
+
+def system_info_features(info: str) -> frozenset:
+    """The features set to 1 in llama.cpp's system info ("CPU : SSE3 = 1 | AVX512_VNNI = 1 | ...")."""
+    parts = (part.partition("=") for part in info.replace(":", "|").split("|"))
+    return frozenset(name.strip() for name, _, value in parts if value.strip() == "1")
 
 
 def resolve(setting: str, value, exported: set | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -49,8 +50,8 @@ class EncoderStage:
         self.zeros = artifacts.manifest.features.zeros()
         names = tuple(name for name in BRANCHES if name not in self.zeros)
         self.encoders = OnnxEncoders(artifacts, resolve("precision", config.precision), config.providers,
-                                     config.threads, names, io_binding=config.io_binding,
-                                     cuda_graphs=config.cuda_graphs)
+                                     config.threads or _threads_per_branch(len(names) if parallel else 1), names,
+                                     io_binding=config.io_binding, cuda_graphs=config.cuda_graphs)
         self.zero_rows = artifacts.zero_rows()
         self._pool = ThreadPoolExecutor(len(names), thread_name_prefix="encoder") if parallel else None
         self._frame_rows: OrderedDict = OrderedDict()   # (source, capture ns, face box) -> MAE row of that frame
@@ -164,6 +165,14 @@ class EncoderStage:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _threads_per_branch(overlapping: int) -> int:
+    """ONNX Runtime threads per branch session when ``runtime.encoders.threads`` is 0: the cores shared by the
+    branches that run at once (at least 1). Each session taking every core oversubscribed them: on 2 cores, mid
+    preset, 4 overlapping branches took 101-103 ms p50 with 2 threads each and 87-88 ms with 1 (BENCHMARKS.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // overlapping)
 
 
 def _fingerprint(raw) -> tuple | None:

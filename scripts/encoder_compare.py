@@ -6,7 +6,7 @@
 
 With ``--variants``, one export's encoders run in several ways (runtime/binding.py), the variants alternating,
 each against the plain run's outputs: ``plain`` (session.run), ``io_binding``, ``cuda_graphs`` (CUDA provider
-only: skipped with a note elsewhere) and ``batch4`` (EVA and VideoMAE with 4 windows in one run, where the file
+only: skipped with a note elsewhere) and ``batch4`` (EVA, VideoMAE and HuBERT with 4 windows in one run, where the file
 has a batch axis; its ms per window is the run's / 4).
 
 Both folders must be exports of the same preset and seed (the same weights), e.g. before and after a change to
@@ -34,7 +34,7 @@ from edge_emollama.runtime.binding import BoundRunner, GraphRunner, PlainRunner,
 
 VARIANTS = ("plain", "io_binding", "cuda_graphs", "batch4")
 BATCH = 4
-BATCHED = ("eva", "videomae")   # batch4: the branches whose windows could share a run
+BATCHED = tuple(name for name, b in BRANCHES.items() if b.batched)   # batch4: branches with a batch axis
 WARMUP = 3                      # runs per variant before timing (a CUDA graph is captured in its second)
 
 
@@ -91,7 +91,7 @@ def variant_jobs(artifacts, name: str, args, variants: list) -> tuple:
                 skipped[variant] = ("this file has no batch axis (axis 0 of its inputs and outputs is fixed): "
                                     "re-export to get one")
             else:
-                windows = [branch.example_inputs(artifacts.spec, rng) for _ in range(BATCH)]
+                windows = [branch.example_inputs(artifacts.spec, rng, frames=16, seconds=4.0) for _ in range(BATCH)]
                 batch = {key: np.concatenate([w[key] for w in windows]) for key in feed}
                 expected = [np.concatenate(parts) for parts in zip(*(plain.run(w) for w in windows))]
                 jobs[variant] = (plain.run, batch, expected, BATCH)
@@ -140,7 +140,7 @@ def compare_variants(args) -> None:
     art = load_artifacts(args.before)
     report = {"export": args.before, "precision": args.precision, "runs": args.runs, "threads": args.threads,
               "provider": args.provider, "ort": ort.__version__, "preset": art.manifest.preset, "variants": variants,
-              "window": "16 face frames, 4 s of audio; batch4: 4 windows of one frame / one clip", "branches": {}}
+              "window": "16 face frames, 4 s of audio; batch4: 4 such windows in one run", "branches": {}}
     for name in BRANCHES:
         try:
             report["branches"][name] = branch_variants(art, name, args, variants)
