@@ -7,6 +7,7 @@ bench and the sample clip are imported only by the commands that use them (they 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 from .client import explain, listen
 from .config import Config, RuntimeConfig
 from .errors import ConfigError, InputError
-from .manifest import MANIFEST, Artifacts, load_artifacts
+from .manifest import MANIFEST, VERSION, Artifacts, load_artifacts
 from .progress import Progress
 from .protocol import ALL
 from .security import ClientKeys, load_client_keys, write_keys
@@ -218,17 +219,29 @@ def cmd_report(args, cfg: Config) -> int:
     return 0
 
 
+def _older_tiny_export(folder: Path) -> bool:
+    """A tiny export with seeded random weights whose manifest an older version wrote (the demo redoes it)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(data, dict) and data.get("preset") == "tiny" and data.get("version") != VERSION
+            and (data.get("source") or {}).get("weights") == "seeded random")
+
+
 def cmd_demo(args, cfg: Config) -> int:
     """The tiny export on a generated clip in real time, with a header, the estimates, and what to try next."""
     from .tools.sample_clip import write_sample_clip
 
     folder = Path(args.artifacts)
-    if not (folder / MANIFEST).is_file():
-        if folder.exists() or "tiny" not in folder.name:   # never write a tiny export into another folder
+    stale = _older_tiny_export(folder)
+    if stale or not (folder / MANIFEST).is_file():
+        if not stale and (folder.exists() or "tiny" not in folder.name):   # never write a tiny export elsewhere
             load_artifacts(folder)                           # says what the folder is and which export it needs
         from .export.pipeline import export
 
-        log.info("no export at %s: exporting the tiny preset first (about 20 s)", args.artifacts)
+        log.info("%s at %s: exporting the tiny preset first (about 20 s)",
+                 "a tiny export of an older version" if stale else "no export", args.artifacts)
         cfg.model.preset, cfg.export.out = "tiny", args.artifacts
         export(cfg, validate=False)
     clip = Path(args.clip or f"artifacts/sample-clip-{args.seconds:g}s.mp4")

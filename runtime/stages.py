@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -55,9 +56,11 @@ class EncoderStage:
         self.zero_rows = artifacts.zero_rows()
         self._pool = ThreadPoolExecutor(len(names), thread_name_prefix="encoder") if parallel else None
         self._frame_rows: OrderedDict = OrderedDict()   # (source, capture ns, face box) -> MAE row of that frame
-        self._shared: OrderedDict = OrderedDict()       # (branch, source, window, content) -> EVA / HuBERT outputs
+        # per shared branch (EVA, HuBERT; each touched by its own job only): (source, window, content) -> outputs
+        self._shared = {name: OrderedDict() for name in names if not BRANCHES[name].per_person}
         self.frames_reused = 0                           # MAE frames served from the cache (bench reports it)
         self.shared_reused = 0                           # EVA / HuBERT outputs reused for another person
+        self._counting = threading.Lock()                # the branch jobs count on the pool's threads
 
     def __call__(self, item) -> tuple:
         return self.encode([item])[0]
@@ -116,15 +119,16 @@ class EncoderStage:
 
     def _shared_run(self, branch, items: list, raws: dict) -> tuple:
         """EVA's and HuBERT's outputs, computed once per window for all the people of that window."""
-        keys = {i: (branch.name, items[i].stamp.source, items[i].index, items[i].t1_ns, _fingerprint(raw))
-                for i, raw in raws.items()}
-        missing = {key: raws[i] for i, key in keys.items() if key not in self._shared}
+        cache = self._shared[branch.name]
+        keys = {i: (items[i].stamp.source, items[i].index, items[i].t1_ns, _fingerprint(raw)) for i, raw in raws.items()}
+        missing = {key: raws[i] for i, key in keys.items() if key not in cache}
         fresh, prep_ms, run_ms = self._batched(branch, missing)
-        self.shared_reused += len(keys) - len(fresh)
-        self._shared.update(fresh)   # one encoder thread per branch, and one branch per key: no lock needed
-        outputs = {i: fresh[key] if key in fresh else self._shared[key] for i, key in keys.items()}
-        while len(self._shared) > SHARED_CACHE:
-            self._shared.popitem(last=False)
+        with self._counting:
+            self.shared_reused += len(keys) - len(fresh)
+        outputs = {i: fresh[key] if key in fresh else cache[key] for i, key in keys.items()}
+        cache.update(fresh)
+        while len(cache) > SHARED_CACHE:
+            cache.popitem(last=False)
         return outputs, prep_ms, run_ms
 
     def warmup(self) -> None:

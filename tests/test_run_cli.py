@@ -144,3 +144,20 @@ def test_explain_person_is_source_slash_face(capsys):
     assert _person(None) is None
     assert main(["explain", "--person", "hall-1", "--timeout", "0.1"]) == 2
     assert "SOURCE/face-ID" in capsys.readouterr().err
+
+
+def test_demo_redoes_a_tiny_export_an_older_version_wrote(tiny_artifacts, tmp_path, sample_clip, endpoints):
+    """A developer's artifacts/tiny from before a manifest change: the demo re-exports it instead of refusing
+    (an older manifest anywhere else is refused with the fix: tests/test_manifest.py)."""
+    import shutil
+
+    from edge_emollama.manifest import MANIFEST, VERSION, load_artifacts
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_artifacts, folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "version": VERSION - 1}))
+    pub, ctl = endpoints
+    assert main(["demo", "--artifacts", str(folder), "--clip", str(sample_clip), "--publish", pub,
+                 "--control", ctl]) == 0
+    assert load_artifacts(folder).manifest.version == VERSION
