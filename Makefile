@@ -57,4 +57,4 @@ test: setup-test
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) artifacts *.egg-info
+	rm -rf $(VENV) $(OPTIMUM_ENV) artifacts *.egg-info
