@@ -113,7 +113,8 @@ class EncoderStage:
         prepared = time.perf_counter()
         outputs = {}
         for keys in groups.values():
-            stacked = {name: np.concatenate([feeds[key][name] for key in keys]) for name in branch.input_names}
+            stacked = feeds[keys[0]] if len(keys) == 1 else \
+                {name: np.concatenate([feeds[key][name] for key in keys]) for name in branch.input_names}
             outputs.update(zip(keys, branch.split(self.encoders.run(branch.name, stacked), len(keys))))
         return outputs, (prepared - start) * 1e3, _ms(prepared)
 

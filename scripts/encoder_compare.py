@@ -30,7 +30,7 @@ import onnxruntime as ort
 
 from edge_emollama.branches import BRANCHES
 from edge_emollama.manifest import load_artifacts
-from edge_emollama.runtime.binding import BoundRunner, GraphRunner, PlainRunner, rows_independent
+from edge_emollama.runtime.binding import BoundRunner, GraphRunner, PlainRunner
 
 VARIANTS = ("plain", "io_binding", "cuda_graphs", "batch4")
 BATCH = 4
@@ -47,9 +47,10 @@ def session(artifacts, branch: str, precision: str, threads: int, provider: str,
     return ort.InferenceSession(str(path), options, providers=[first, *fallback])
 
 
-def timed(sess, feed: dict) -> tuple:
+def timed(run, feed: dict) -> tuple:
+    """(ms, outputs) of ``run(feed)``."""
     start = time.perf_counter()
-    out = sess.run(None, feed)
+    out = run(feed)
     return (time.perf_counter() - start) * 1000, out
 
 
@@ -86,10 +87,7 @@ def variant_jobs(artifacts, name: str, args, variants: list) -> tuple:
             jobs[variant] = (GraphRunner(graphs, name).run, feed, reference, 1)
         elif variant == "batch4":
             if name not in BATCHED:
-                skipped[variant] = f"batch4 is for {' and '.join(BATCHED)}"
-            elif not rows_independent(plain_session):
-                skipped[variant] = ("this file has no batch axis (axis 0 of its inputs and outputs is fixed): "
-                                    "re-export to get one")
+                skipped[variant] = f"batch4 is for {', '.join(BATCHED)} (MAE's frames axis is its batch)"
             else:
                 windows = [branch.example_inputs(artifacts.spec, rng, frames=16, seconds=4.0) for _ in range(BATCH)]
                 batch = {key: np.concatenate([w[key] for w in windows]) for key in feed}
@@ -107,14 +105,8 @@ def timed_runs(jobs: dict, runs: int) -> tuple:
     times = {variant: [] for variant in jobs}
     for _ in range(runs):
         for variant, (run, feed, _, _) in jobs.items():
-            times[variant].append(timed_run(run, feed))
+            times[variant].append(timed(run, feed)[0])
     return times, outputs
-
-
-def timed_run(run, feed: dict) -> float:
-    start = time.perf_counter()
-    run(feed)
-    return (time.perf_counter() - start) * 1000
 
 
 def branch_variants(artifacts, name: str, args, variants: list) -> dict:
@@ -179,12 +171,12 @@ def compare_exports(args) -> None:
               "threads": args.threads, "provider": args.provider, "preset": a.manifest.preset, "branches": {}}
     for name, branch in BRANCHES.items():
         feed = branch.example_inputs(spec, rng, frames=16, seconds=4.0)
-        sessions = tuple(session(x, name, args.precision, args.threads, args.provider) for x in (a, b))
-        outs = [timed(s, feed)[1] for s in sessions]   # warm-up, and the outputs compared
+        runs = [PlainRunner(session(x, name, args.precision, args.threads, args.provider)).run for x in (a, b)]
+        outs = [timed(run, feed)[1] for run in runs]   # warm-up, and the outputs compared
         times = ([], [])
         for _ in range(args.runs):
-            for k, s in enumerate(sessions):
-                times[k].append(timed(s, feed)[0])
+            for k, run in enumerate(runs):
+                times[k].append(timed(run, feed)[0])
         scale = max(float(np.abs(o).max()) for o in outs[0])
         diff = max(float(np.abs(x - y).max()) for x, y in zip(*outs))
         p50 = [statistics.median(t) for t in times]
